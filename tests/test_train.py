@@ -1,0 +1,252 @@
+"""train_piat.py end to end on the synthetic set: outputs, every loss with and without PIAT, resume,
+bad input, and the copy test."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_piat as tp
+import utils
+from conftest import TINY, run_script
+
+
+def run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    tp.main([*TINY, "--out-dir", str(out), *map(str, extra)])
+    return out
+
+
+def test_two_epochs_write_every_output_and_learn(tmp_path):
+    out = run(tmp_path, "--epochs", "2", "--train-size", "1024", "--eval-size", "256")
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+    rows = utils.read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for column in tp.METRIC_FIELDS[:8] + ["epoch_seconds", "images_per_second"]:
+        assert all(isinstance(r[column], (int, float)) for r in rows), column
+    for r in rows:
+        assert 0 <= r["test_pgd20_acc"] <= r["test_clean_acc"] <= 1
+        assert r["images_per_second"] > 0 and r["epoch_seconds"] > 0
+    assert [r["alpha"] for r in rows] == pytest.approx([0.1, 2 / 11])
+    assert rows[-1]["test_clean_acc"] > 0.5  # chance is 0.1: the synthetic set is learnable in 2 epochs
+    args = json.loads((out / "args.json").read_text())
+    assert args["loss"] == "nmse" and args["piat"] is True and args["lam"] == 4.0
+    final = utils.load_checkpoint(out / "final.pt")
+    best = utils.load_checkpoint(out / "best.pt")
+    assert final["epoch"] == 2 and final["args"]["arch"] == "small-cnn" and len(final["metrics"]) == 2
+    best_epoch = max(rows, key=lambda r: r["test_pgd20_acc"])["epoch"]
+    assert best["epoch"] == best_epoch and "resume" not in best
+    # the checkpoint alone rebuilds the model, and it reproduces the logged accuracy
+    model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
+    model.load_state_dict(final["model"])
+    data = utils.make_synthetic()
+    idx = utils.fixed_subset(len(data.x_test), 256)
+    x, y = utils.to_float(data.x_test[idx]), data.y_test[idx]
+    model.eval()
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    assert clean == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_piat_off_leaves_weights_uninterpolated(tmp_path, monkeypatch):
+    called = []
+    monkeypatch.setattr(tp, "interpolate_", lambda *a: called.append(a))
+    out = run(tmp_path, "--epochs", "2", "--no-piat")
+    assert not called
+    rows = utils.read_metrics(out / "metrics.csv")
+    assert [r["alpha"] for r in rows] == [0, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+
+
+def test_piat_interpolates_with_the_previous_epochs_weights(tmp_path, monkeypatch):
+    """Record the weights around each interpolation: theta_prev is the initial weights at t=0, then
+    the previous epoch's interpolated weights; the fixed alpha is used when given."""
+    seen = []
+    real = tp.interpolate_
+
+    def spy(model, prev_state, alpha):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        real(model, prev_state, alpha)
+        seen.append((before, {k: v.clone() for k, v in prev_state.items()},
+                     {k: v.clone() for k, v in model.state_dict().items()}, alpha))
+
+    monkeypatch.setattr(tp, "interpolate_", spy)
+    run(tmp_path, "--epochs", "2", "--alpha-fixed", "0.3")
+    assert [s[3] for s in seen] == [0.3, 0.3]
+    (_, _, after_0, _), (before_1, prev_1, after_1, _) = seen
+    for k, v in after_0.items():
+        assert torch.equal(prev_1[k], v)  # theta_prev of epoch 1 = interpolated weights of epoch 0
+        if v.is_floating_point():
+            assert torch.allclose(after_1[k], 0.3 * prev_1[k] + 0.7 * before_1[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", tp.LOSSES)
+@pytest.mark.parametrize("piat", ["--piat", "--no-piat"])
+def test_every_loss_with_and_without_piat(tmp_path, loss, piat):
+    out = run(tmp_path, "--epochs", "1", "--loss", loss, piat, "--mail-burn-in", "0")
+    row = utils.read_metrics(out / "metrics.csv")[0]
+    assert row["train_loss"] == row["train_loss"] and row["train_loss"] > 0  # finite, positive
+    assert row["alpha"] == (0.1 if piat == "--piat" else 0)
+    assert utils.load_checkpoint(out / "final.pt")["args"]["loss"] == loss
+
+
+def test_val_split_selects_best_on_held_out_images(tmp_path):
+    out = run(tmp_path, "--epochs", "2", "--val-size", "64")
+    rows = utils.read_metrics(out / "metrics.csv")
+    assert all(0 <= r["val_pgd20_acc"] <= 1 for r in rows)
+    best_epoch = max(rows, key=lambda r: r["val_pgd20_acc"])["epoch"]
+    assert utils.load_checkpoint(out / "best.pt")["epoch"] == best_epoch
+
+
+def test_image_folder_dataset(tmp_path):
+    from PIL import Image
+
+    data = utils.make_synthetic(num_classes=3, train_size=60, test_size=30)
+    for split, xs, ys in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = tmp_path / "images" / split / f"class_{int(y)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    loaded = utils.load_dataset("imagefolder", tmp_path / "images")
+    assert loaded.num_classes == 3 and loaded.x_train.shape == (60, 3, 32, 32) and loaded.x_test.dtype == torch.uint8
+    assert sorted(torch.bincount(loaded.y_train).tolist()) == sorted(torch.bincount(data.y_train).tolist())
+    out = tmp_path / "run"
+    tp.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--arch", "small-cnn", "--epochs", "1",
+             "--pgd-steps", "1", "--eval-pgd-steps", "1", "--out-dir", str(out)])
+    assert utils.load_checkpoint(out / "final.pt")["num_classes"] == 3
+
+
+RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "1024", "--batch-size", "16"]
+
+
+def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
+    """Kill a run with SIGKILL in its second epoch, resume it, and compare with a run never stopped."""
+    whole = tmp_path / "whole"
+    tp.main([*RESUME_RUN, "--out-dir", str(whole)])
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(tp.__file__), *RESUME_RUN, "--out-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "final.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_after = utils.load_checkpoint(killed / "final.pt")["epoch"]
+    assert stopped_after < 4, "the run finished before it could be killed; make RESUME_RUN longer"
+    assert len(utils.read_metrics(killed / "metrics.csv")) <= stopped_after + 1
+    result = run_script(tp.__file__, "--resume", killed)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {killed} after epoch {stopped_after}" in result.stdout
+    a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
+    assert b["epoch"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    rows_a, rows_b = utils.read_metrics(whole / "metrics.csv"), utils.read_metrics(killed / "metrics.csv")
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("lr", "alpha", "train_loss", "test_clean_acc", "test_pgd20_acc"):
+            assert ra[key] == rb[key], key
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(result):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--epsilon", "-8"], "--epsilon: must be >= 0"),
+    (["--pgd-steps", "-1"], "--pgd-steps: must be >= 0"),
+    (["--batch-size", "0"], "--batch-size: must be > 0"),
+    (["--arch", "vgg"], "invalid choice: 'vgg'"),
+    (["--alpha-fixed", "1.5"], "--alpha-fixed must lie in [0, 1]"),
+])
+def test_bad_flags_get_one_line(tmp_path, flags, message):
+    result = run_script(tp.__file__, *TINY, "--out-dir", tmp_path / "out", *flags)
+    assert message in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_without_network(tmp_path):
+    # an unreachable proxy makes the download fail at once, whether or not this machine is online
+    proxy = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+             "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = run_script(tp.__file__, "--dataset", "cifar10", "--data-dir", tmp_path / "data",
+                        "--out-dir", tmp_path / "out", env=proxy)
+    line = one_line_error(result)
+    assert "cifar10 is not in" in line and str(tmp_path / "data") in line and "cifar-10-python.tar.gz" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_without_splits(tmp_path):
+    (tmp_path / "images" / "train" / "a").mkdir(parents=True)
+    result = run_script(tp.__file__, "--dataset", "imagefolder", "--data-dir", tmp_path / "images")
+    assert "test" in one_line_error(result) and "not found" in result.stderr
+
+
+def test_resume_without_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_script(tp.__file__, "--resume", tmp_path / "empty")
+    assert "no checkpoint at" in one_line_error(result)
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path):
+    out = run(tmp_path, "--epochs", "1")
+    whole = (out / "final.pt").read_bytes()
+    (out / "final.pt").write_bytes(whole[: len(whole) // 2])
+    assert "not a readable checkpoint" in one_line_error(run_script(tp.__file__, "--resume", out))
+    torch.save(utils.build_model("small-cnn", 10).state_dict(), out / "final.pt")  # a bare state_dict
+    assert "not a checkpoint of this project" in one_line_error(run_script(tp.__file__, "--resume", out))
+    # a checkpoint of another architecture under the same name
+    other = utils.load_checkpoint(tmp_path / "run" / "best.pt")
+    other["resume"] = {}
+    other["model"] = utils.build_model("resnet18", 10).state_dict()
+    torch.save(other, out / "final.pt")
+    assert "does not fit a small-cnn" in one_line_error(run_script(tp.__file__, "--resume", out))
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    out = run(tmp_path, "--epochs", "1")
+    before = (out / "final.pt").read_bytes()
+    result = run_script(tp.__file__, *TINY, "--epochs", "1", "--out-dir", out)
+    assert "already holds a run" in one_line_error(result)
+    assert (out / "final.pt").read_bytes() == before
+
+
+def test_atomic_checkpoint_survives_a_failed_write(tmp_path):
+    path = tmp_path / "final.pt"
+    utils.save_checkpoint({"a": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        utils.save_checkpoint({"a": Unpicklable()}, path)
+    assert torch.load(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------------------ the copy test
+
+
+def test_script_runs_when_copied_alone_into_an_empty_folder(tmp_path, root):
+    for name in ("train_piat.py", "utils.py"):
+        shutil.copy(root / name, tmp_path / name)
+    result = run_script(tmp_path / "train_piat.py", *TINY, "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("synthetic__train_piat__0__")
+    assert {"args.json", "metrics.csv", "best.pt", "final.pt", "curves.png"} <= {p.name for p in run_dir.iterdir()}

@@ -1,0 +1,535 @@
+"""Shared plumbing for the training and evaluation scripts: data, models, seeding, logging and
+checkpoint I/O. The algorithms themselves (attacks, losses, interpolation) live in the scripts.
+
+Everything here works on images in [0, 1]; each model normalises its input itself, so attacks and
+AutoAttack never see normalised pixels.
+"""
+
+import argparse
+import csv
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the user: the scripts print it as one line and exit non-zero."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump) with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def non_negative(kind):
+    """argparse `type=` that rejects negative numbers with a readable message."""
+
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(kind):
+    """argparse `type=` that rejects zero and negative numbers."""
+
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding and devices
+# ----------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rng_state():
+    """Every random-number generator a run draws from, for exact resumption."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: every data set becomes four tensors (uint8 images NCHW, int64 labels) held in memory
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
+
+# Per-channel statistics of the training sets; image folders and the synthetic set are measured.
+CHANNEL_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+DOWNLOAD_HINTS = {
+    "cifar10": "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
+    "cifar100": "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
+    "svhn": "train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/",
+}
+
+
+class ImageData:
+    """A data set as tensors: `x_*` uint8 (N, C, H, W), `y_*` int64 (N,)."""
+
+    def __init__(self, x_train, y_train, x_test, y_test, num_classes, mean, std, flip):
+        self.x_train, self.y_train = x_train, y_train
+        self.x_test, self.y_test = x_test, y_test
+        self.num_classes = num_classes
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.flip = flip  # horizontal flips are a valid augmentation (not for digits)
+
+    @property
+    def image_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+def channel_stats(x_uint8):
+    x = x_uint8.float().div_(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def make_synthetic(num_classes=10, train_size=4000, test_size=1000, image_size=32, seed=0):
+    """A small learnable image set made in memory, for tests and smoke runs. Each class is a smooth
+    random colour pattern (contrast +-0.18); each image is its class pattern at a random shift, plus
+    a smooth random distractor pattern (+-0.2) and pixel noise (sd 0.1) around grey. Like real
+    images it is easy to learn and easy to attack: a clean-trained small-cnn reaches ~90% clean but
+    ~10% PGD-20 accuracy (8/255), while three epochs of PGD-AT reach ~40% robust accuracy. The
+    same `seed` always gives the same images, whatever the run's own seed."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=gen) * 2 - 1
+    templates = F.interpolate(coarse, size=image_size + 8, mode="bicubic", align_corners=False)
+
+    def smooth_noise(n, size):
+        return F.interpolate(torch.rand(n, 3, 4, 4, generator=gen) * 2 - 1, size=size, mode="bicubic",
+                             align_corners=False)
+
+    def sample(n):
+        y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
+        shift = torch.randint(0, 9, (n, 2), generator=gen)
+        rows = (shift[:, 0, None] + torch.arange(image_size))[:, None, :, None]
+        cols = (shift[:, 1, None] + torch.arange(image_size))[:, None, None, :]
+        pattern = templates[y[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        x = 0.5 + 0.18 * pattern + 0.2 * smooth_noise(n, image_size)
+        x = x + 0.1 * torch.randn(n, 3, image_size, image_size, generator=gen)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    x_train, y_train = sample(train_size)
+    x_test, y_test = sample(test_size)
+    mean, std = channel_stats(x_train)
+    return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, flip=True)
+
+
+def _torchvision_split(name, root, train):
+    from torchvision import datasets
+
+    if name == "svhn":
+        split = "train" if train else "test"
+        try:
+            ds = datasets.SVHN(root, split=split, download=False)
+        except RuntimeError:
+            ds = datasets.SVHN(root, split=split, download=True)
+        return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        ds = cls(root, train=train, download=False)
+    except RuntimeError:  # not there yet: fetch it
+        ds = cls(root, train=train, download=True)
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return x, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def load_torchvision(name, root):
+    try:
+        x_train, y_train = _torchvision_split(name, root, train=True)
+        x_test, y_test = _torchvision_split(name, root, train=False)
+    except Exception as err:  # offline, a proxy, a truncated archive: all end the same way for the user
+        raise UserError(
+            f"{name} is not in {root} and could not be downloaded ({type(err).__name__}: {err}). "
+            f"Put {DOWNLOAD_HINTS[name]} into {root}, or use --dataset imagefolder with a local copy"
+        ) from None
+    num_classes = {"cifar10": 10, "cifar100": 100, "svhn": 10}[name]
+    mean, std = CHANNEL_STATS[name]
+    return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, flip=name != "svhn")
+
+
+def _read_image_folder(folder, image_size):
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    try:
+        ds = ImageFolder(folder)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UserError(f"cannot read image folder {folder}: {err}") from None
+    images = []
+    for path, _ in ds.samples:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if image_size:
+                img = img.resize((image_size, image_size), Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise UserError(f"images in {folder} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
+    labels = torch.as_tensor([label for _, label in ds.samples], dtype=torch.int64)
+    return torch.stack(images), labels, ds.classes
+
+
+def load_image_folder(root, image_size=None):
+    """torchvision's ImageFolder layout: root/train/<class>/*.png and root/test/<class>/*.png."""
+    root = Path(root)
+    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise UserError(f"--dataset imagefolder needs {root}/train/<class>/ and {root}/test/<class>/ "
+                        f"folders; {', '.join(str(root / m) for m in missing)} not found")
+    x_train, y_train, classes = _read_image_folder(root / "train", image_size)
+    x_test, y_test, test_classes = _read_image_folder(root / "test", image_size)
+    if test_classes != classes:
+        raise UserError(f"{root}/train and {root}/test hold different class folders")
+    mean, std = channel_stats(x_train)
+    return ImageData(x_train, y_train, x_test, y_test, len(classes), mean, std, flip=True)
+
+
+def load_dataset(name, data_dir, image_size=None):
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "synthetic":
+        return make_synthetic()
+    if name == "imagefolder":
+        return load_image_folder(data_dir, image_size)
+    return load_torchvision(name, data_dir)
+
+
+def fixed_subset(n_total, n, seed=0):
+    """The first n indices of a fixed permutation: the same subset for every run and seed."""
+    perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
+    return perm if n is None else perm[:n]
+
+
+def augment(x, pad=4, flip=True):
+    """Random crop with zero padding and random horizontal flip of a batch, on its own device.
+    x: uint8 or float (N, C, H, W)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+                 rows, cols]
+    if flip:
+        flipped = torch.rand(n, device=x.device) < 0.5
+        out = torch.where(flipped[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def progress(iterable, **kwargs):
+    """tqdm that stays quiet when stderr is not a terminal (logs, CI), and cleans up after itself."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def to_float(x_uint8):
+    return x_uint8.float().div_(255)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: each holds its normalisation as non-persistent buffers, so its state_dict has exactly the
+# layout of the models most robustness code publishes (TRADES, MART, AutoAttack's examples)
+# ----------------------------------------------------------------------------------------------
+
+ARCHS = ("resnet18", "wrn-32-10", "small-cnn")
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR ResNet-18 (3x3 stem, no max-pool) with the key layout conv1, bn1, layer1..4, linear."""
+
+    def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        in_planes, layers = 64, []
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation wide block, named as in the TRADES/MART WideResNet so their weights load."""
+
+    def __init__(self, in_planes, out_planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal_in_out = in_planes == out_planes
+        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        pre = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(pre))))
+        return out + (x if self.equal_in_out else self.convShortcut(pre))
+
+
+class WideGroup(nn.Module):
+    def __init__(self, n_blocks, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                                     for i in range(n_blocks)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-32-10 in Madry et al.'s counting (5 blocks per stage, 10x wide): the same network the
+    TRADES/MART code calls WideResNet(depth=34), whose formula counts the two shortcut-convs too.
+    Key layout conv1, block1..3.layer.N.*, bn1, fc."""
+
+    def __init__(self, num_classes=10, blocks_per_stage=5, widen=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+        super().__init__()
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.block1 = WideGroup(blocks_per_stage, widths[0], widths[1], 1)
+        self.block2 = WideGroup(blocks_per_stage, widths[1], widths[2], 2)
+        self.block3 = WideGroup(blocks_per_stage, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():  # the initialisation of the reference WideResNet code
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
+        out = F.adaptive_avg_pool2d(self.relu(self.bn1(out)), 1).flatten(1)
+        return self.fc(out)
+
+
+class SmallCNN(nn.Module):
+    """A four-conv BatchNorm network for CPU runs: one PGD-10 epoch over 5,000 CIFAR images takes
+    about a minute on 2 cores (README), yet it learns CIFAR-10 to a useful robust accuracy."""
+
+    def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=32):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+
+        def conv_bn(c_in, c_out):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+        w = width
+        self.features = nn.Sequential(conv_bn(3, w), nn.MaxPool2d(2), conv_bn(w, 2 * w), nn.MaxPool2d(2),
+                                      conv_bn(2 * w, 4 * w), nn.MaxPool2d(2), conv_bn(4 * w, 4 * w))
+        self.linear = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        out = self.features(self.normalize(x))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    """mean=0, std=1 gives a model that takes its input as it comes (for foreign checkpoints)."""
+    if arch == "resnet18":
+        return ResNet18(num_classes, mean=mean, std=std)
+    if arch == "wrn-32-10":
+        return WideResNet(num_classes, mean=mean, std=std)
+    if arch == "small-cnn":
+        return SmallCNN(num_classes, mean=mean, std=std)
+    raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: args.json, metrics.csv, checkpoints, curves.png
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder and rename it over `path`: a crash leaves
+    either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(obj, path):
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def save_checkpoint(checkpoint, path):
+    _atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "args", "metrics", "epoch")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by save_checkpoint; one clear UserError for a missing, truncated
+    or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): {err}") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise UserError(f"{path} is not a checkpoint of this project (expected a dict with keys "
+                        f"{', '.join(CHECKPOINT_KEYS)}); for a plain state_dict use evaluate.py --arch")
+    return checkpoint
+
+
+class MetricsLog:
+    """metrics.csv, one row per epoch, flushed as it goes. `rows` are rewritten first, so a resumed
+    run's file holds exactly the epochs its checkpoint holds."""
+
+    def __init__(self, path, fields, rows=()):
+        self.path, self.fields = Path(path), list(fields)
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore")
+        self.writer.writeheader()
+        for row in rows:
+            self.write(row)
+
+    def write(self, row):
+        self.writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def read_metrics(path):
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def plot_curves(metrics, path, title=""):
+    """Clean and PGD-20 accuracy per epoch (left), loss and alpha (right), saved atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, style in (("train_clean_acc", "train clean", "C0--"), ("train_robust_acc", "train robust", "C1--"),
+                              ("test_clean_acc", "test clean", "C0-"), ("test_pgd20_acc", "test PGD-20", "C1-"),
+                              ("val_pgd20_acc", "val PGD-20", "C2-")):
+        if metrics and key in metrics[0] and metrics[0][key] not in ("", None):
+            ax_acc.plot(epochs, [100 * m[key] for m in metrics], style, marker=".", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
+    ax_acc.legend()
+    ax_acc.grid(alpha=0.3)
+    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "k-", marker=".", label="train loss")
+    ax_loss.set(xlabel="epoch", ylabel="train loss")
+    ax_alpha = ax_loss.twinx()
+    ax_alpha.plot(epochs, [m["alpha"] for m in metrics], "C3:", marker=".", label="alpha (PIAT)")
+    ax_alpha.set(ylabel="alpha", ylim=(-0.05, 1.05))
+    ax_loss.legend(loc="upper left")
+    ax_alpha.legend(loc="upper right")
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
