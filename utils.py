@@ -412,14 +412,13 @@ class SmallCNN(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
-    """mean=0, std=1 gives a model that takes its input as it comes (for foreign checkpoints)."""
-    if arch == "resnet18":
-        return ResNet18(num_classes, mean=mean, std=std)
-    if arch == "wrn-32-10":
-        return WideResNet(num_classes, mean=mean, std=std)
-    if arch == "small-cnn":
-        return SmallCNN(num_classes, mean=mean, std=std)
+def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **model_kwargs):
+    """The network `arch` with its input normalisation built in; mean=0, std=1 gives a model that
+    takes its input as it comes (for foreign checkpoints). `model_kwargs` are what a checkpoint's
+    "model_kwargs" holds (none for the CNNs)."""
+    cnns = {"resnet18": ResNet18, "wrn-32-10": WideResNet, "small-cnn": SmallCNN}
+    if arch in cnns:
+        return cnns[arch](num_classes, mean=mean, std=std, **model_kwargs)
     raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
