@@ -346,9 +346,9 @@ def make_run_dir(args):
 
 
 def checkpoint_dict(model, data, args, metrics, epoch):
-    return {"model": model.state_dict(), "arch": args.arch, "model_kwargs": {}, "num_classes": data.num_classes, "mean": data.mean,
-            "std": data.std, "image_shape": data.image_shape, "args": vars(args), "metrics": metrics, "epoch": epoch,
-            "script": "train_piat.py"}
+    return {"model": model.state_dict(), "arch": args.arch, "model_kwargs": {}, "num_classes": data.num_classes,
+            "mean": data.mean, "std": data.std, "image_shape": data.image_shape, "args": vars(args), "metrics": metrics,
+            "epoch": epoch, "script": "train_piat.py"}
 
 
 def main(argv=None):
