@@ -50,6 +50,13 @@ def parse_args(argv=None):
                    help="run folder (default: runs/<dataset>__<exp-name>__<seed>__<unix time>)")
     g.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
                    help="continue the interrupted run in RUN_DIR from its final.pt, with the flags it was started with")
+    g = p.add_argument_group("speed (multi-GPU: torchrun --nproc_per_node=N train_piat.py ...)")
+    g.add_argument("--amp", action=utils.argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast for training and the training attack (default: on for CUDA, off on CPU); "
+                        "the per-epoch evaluation always runs in fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (the attack runs compiled too)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default="cifar10", choices=utils.DATASETS,
                    help="cifar10/cifar100/svhn are downloaded into --data-dir; imagefolder reads --data-dir/train and "
@@ -255,8 +262,11 @@ def clone_state(model):
 # ----------------------------------------------------------------------------------------------
 
 
-def training_loss(model, x, y, args, epoch):
-    """Generate x' with the attack each loss's paper uses, then return (loss, logits_adv, logits_clean)."""
+def training_loss(model, x, y, args, epoch, net=None):
+    """Generate x' with the attack each loss's paper uses, then return (loss, logits_adv, logits_clean).
+    The attack runs on `model` itself; the training forward passes go through `net`, the model's
+    DistributedDataParallel wrapper when there is one, so that DDP's gradient hooks see only them."""
+    net = model if net is None else net
     eps, step = args.epsilon / 255, args.step_size / 255
     needs_clean = args.loss in ("nmse", "alp", "trades", "mart")
     model.eval()  # BatchNorm statistics frozen while attacking
@@ -270,8 +280,8 @@ def training_loss(model, x, y, args, epoch):
             logits_clean = model(x)
     model.train()
     if needs_clean:
-        logits_clean = model(x)
-    logits_adv = model(x_adv)
+        logits_clean = net(x).float()  # the losses run in fp32 under --amp too
+    logits_adv = net(x_adv).float()
     if args.loss == "ce" or (args.loss == "mail" and epoch < args.mail_burn_in):
         loss = F.cross_entropy(logits_adv, y)
     elif args.loss == "nmse":
@@ -287,19 +297,22 @@ def training_loss(model, x, y, args, epoch):
     return loss, logits_adv, logits_clean
 
 
-def evaluate(model, x_all, y_all, epsilon, step_size, steps, batch_size, desc="eval"):
-    """Clean and PGD accuracy of uint8 images x_all; epsilon and step_size in [0, 1] units."""
+def evaluate(model, x_all, y_all, epsilon, step_size, steps, batch_size, desc="eval", rank=0, world_size=1):
+    """Clean and PGD accuracy of uint8 images x_all (epsilon, step_size in [0, 1] units), in fp32.
+    Under torchrun each rank attacks its share and the counts are summed."""
     model.eval()
-    correct = torch.zeros(2, device=x_all.device)
-    for i in utils.progress(range(0, len(x_all), batch_size), desc=desc):
+    x_all, y_all = x_all[rank::world_size], y_all[rank::world_size]
+    counts = torch.zeros(3, device=x_all.device)  # clean correct, robust correct, images
+    for i in utils.progress(range(0, len(x_all), batch_size), desc=desc, disable=rank != 0 or None):
         x, y = utils.to_float(x_all[i : i + batch_size]), y_all[i : i + batch_size]
         with torch.no_grad():
-            correct[0] += (model(x).argmax(1) == y).sum()
+            counts[0] += (model(x).argmax(1) == y).sum()
         x_adv = pgd_attack(model, x, y, epsilon, step_size, steps)
         with torch.no_grad():
-            correct[1] += (model(x_adv).argmax(1) == y).sum()
-    clean, robust = (correct / max(len(x_all), 1)).tolist()
-    return clean, robust
+            counts[1] += (model(x_adv).argmax(1) == y).sum()
+        counts[2] += len(y)
+    clean, robust, n = utils.all_reduce_sum_(counts).tolist()
+    return clean / max(n, 1), robust / max(n, 1)
 
 
 def lr_at(progress, lr, epochs):
@@ -361,13 +374,33 @@ def main(argv=None):
         saved = resume["args"]
         saved.update(resume=args.resume, device=args.device, data_dir=args.data_dir, out_dir=args.resume)
         args = utils.argparse.Namespace(**saved)
-    device = utils.pick_device(args.device)
-    utils.seed_everything(args.seed)
+    rank, world_size, device = utils.setup_distributed(args.device)
+    try:
+        return train(args, resume, rank, world_size, device)
+    finally:
+        utils.cleanup_distributed()
+
+
+def train(args, resume, rank, world_size, device):
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+    if args.batch_size % world_size:
+        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} processes")
+    if args.sync_bn and device.type != "cuda":
+        raise utils.UserError("--sync-bn needs one CUDA device per process")
+    utils.seed_everything(args.seed)  # the same initial weights on every rank
+    is_main = rank == 0
 
     data = utils.load_dataset(args.dataset, args.data_dir, args.image_size)
     split = split_data(data, args, device)
     x_train, y_train = split["train"]
     model = utils.build_model(args.arch, data.num_classes, data.mean, data.std).to(device)
+    if world_size > 1:
+        utils.seed_everything(args.seed + rank)  # augmentation and attack noise differ between ranks
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     prev_state = clone_state(model)  # theta_prev starts as the initial weights
     metrics, start_epoch = [], 0
@@ -379,33 +412,50 @@ def main(argv=None):
         optimizer.load_state_dict(resume["resume"]["optimizer"])
         prev_state = resume["resume"]["prev_state"]
         metrics, start_epoch = resume["metrics"], resume["epoch"]
-        utils.set_rng_state(resume["resume"]["rng"])
+        rng_states = resume["resume"]["rng"]
+        utils.set_rng_state(rng_states[rank] if isinstance(rng_states, list) else rng_states)
         run_dir = Path(args.resume)
-        print(f"resuming {run_dir} after epoch {start_epoch} of {args.epochs}")
-    else:
+        if is_main:
+            print(f"resuming {run_dir} after epoch {start_epoch} of {args.epochs}")
+    elif is_main:
         run_dir = make_run_dir(args)
         utils.save_json(vars(args), run_dir / "args.json")
-    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics)
+    # the attack runs on the model itself, the training step through DDP; both may be compiled
+    attacked = net = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        net = torch.compile(net) if args.compile else net
+    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics) if is_main else None
     select_on = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"
     best = max((m[select_on] for m in metrics), default=-1.0)
     eps, step = args.epsilon / 255, args.step_size / 255
-    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    print(f"{args.arch} on {args.dataset}: {len(x_train)} training images, loss {args.loss}, "
-          f"PIAT {'on' if args.piat else 'off'}, {args.epochs} epochs on {device}; writing {run_dir}")
+    local_batch = args.batch_size // world_size
+    # under torchrun every rank takes the same number of equal steps: drop the last partial batch
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size) if world_size == 1 else len(x_train) // args.batch_size
+    if is_main:
+        print(f"{args.arch} on {args.dataset}: {len(x_train)} training images, loss {args.loss}, "
+              f"PIAT {'on' if args.piat else 'off'}, {args.epochs} epochs on {world_size} x {device}"
+              f"{', bf16' if args.amp else ''}{', compiled' if args.compile else ''}; writing {run_dir}")
 
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
+        model.train()
         totals = torch.zeros(4, device=device)  # loss sum, clean correct, robust correct, images
-        order = torch.randperm(len(x_train), device=device)
-        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}"):
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+        # one order per epoch, the same on every rank (and after --resume) without saving any state
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        order = order.to(device)
+        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or None):
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
             x = x_train[idx]
             x = utils.to_float(utils.augment(x, flip=data.flip) if args.augment else x)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             y = y_train[idx]
             lr = lr_at(epoch + i / steps_per_epoch, args.lr, args.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, logits_adv, logits_clean = training_loss(model, x, y, args, epoch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss, logits_adv, logits_clean = training_loss(attacked, x, y, args, epoch, net)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -414,6 +464,8 @@ def main(argv=None):
             totals[1] += (logits_clean.argmax(1) == y).sum()
             totals[2] += (logits_adv.argmax(1) == y).sum()
             totals[3] += len(y)
+        utils.all_reduce_sum_(totals)
+        utils.average_buffers_(model)  # identical BatchNorm statistics on every rank before interpolating
         train_seconds = time.time() - start
 
         # PIAT: interpolate with the previous epoch's interpolated weights (Eq. 9)
@@ -426,30 +478,40 @@ def main(argv=None):
         loss_sum, clean_correct, robust_correct, seen = totals.tolist()
         row = {"epoch": epoch + 1, "lr": lr, "alpha": alpha, "train_loss": loss_sum / seen,
                "train_clean_acc": clean_correct / seen, "train_robust_acc": robust_correct / seen}
-        row["test_clean_acc"], row["test_pgd20_acc"] = evaluate(model, *split["test"], eps, step, args.eval_pgd_steps,
-                                                                args.eval_batch_size, desc="test")
+        evaluation = dict(epsilon=eps, step_size=step, steps=args.eval_pgd_steps, batch_size=args.eval_batch_size,
+                          rank=rank, world_size=world_size)
+        row["test_clean_acc"], row["test_pgd20_acc"] = evaluate(attacked, *split["test"], desc="test", **evaluation)
         if args.val_size:
-            row["val_clean_acc"], row["val_pgd20_acc"] = evaluate(model, *split["val"], eps, step, args.eval_pgd_steps,
-                                                                  args.eval_batch_size, desc="val")
+            row["val_clean_acc"], row["val_pgd20_acc"] = evaluate(attacked, *split["val"], desc="val", **evaluation)
         row["epoch_seconds"] = time.time() - start
         row["images_per_second"] = seen / train_seconds
         metrics.append(row)
+        rng_states = utils.gather_objects(utils.rng_state())  # every rank's, for --resume
 
-        # checkpoints first (atomically), then the log: a crash never leaves a row without its weights
-        checkpoint = checkpoint_dict(model, data, args, metrics, epoch + 1)
-        if row[select_on] > best:
-            best = row[select_on]
-            utils.save_checkpoint(checkpoint, run_dir / "best.pt")
-        checkpoint["resume"] = {"optimizer": optimizer.state_dict(), "prev_state": prev_state, "rng": utils.rng_state()}
-        utils.save_checkpoint(checkpoint, run_dir / "final.pt")
-        log.write(row)
-        utils.plot_curves(metrics, run_dir / "curves.png", title=f"{args.arch} {args.dataset} {args.loss}"
-                          f"{' + PIAT' if args.piat else ''}")
-        print(f"epoch {epoch + 1:3d}  lr {lr:.5f}  alpha {alpha:.3f}  loss {row['train_loss']:.4f}  "
-              f"train clean/robust {row['train_clean_acc']:.3f}/{row['train_robust_acc']:.3f}  "
-              f"test clean/PGD-{args.eval_pgd_steps} {row['test_clean_acc']:.3f}/{row['test_pgd20_acc']:.3f}  "
-              f"{row['epoch_seconds']:.1f}s", flush=True)
+        if is_main:  # checkpoints first (atomically), then the log: a crash never leaves a row without its weights
+            checkpoint = checkpoint_dict(model, data, args, metrics, epoch + 1)
+            if row[select_on] > best:
+                best = row[select_on]
+                utils.save_checkpoint(checkpoint, run_dir / "best.pt")
+            checkpoint["resume"] = {"optimizer": optimizer.state_dict(), "prev_state": prev_state,
+                                    "rng": rng_states if world_size > 1 else rng_states[0]}
+            utils.save_checkpoint(checkpoint, run_dir / "final.pt")
+            log.write(row)
+            utils.plot_curves(metrics, run_dir / "curves.png",
+                              title=f"{args.arch} {args.dataset} {args.loss}{' + PIAT' if args.piat else ''}")
+            print(f"epoch {epoch + 1:3d}  lr {lr:.5f}  alpha {alpha:.3f}  loss {row['train_loss']:.4f}  "
+                  f"train clean/robust {row['train_clean_acc']:.3f}/{row['train_robust_acc']:.3f}  "
+                  f"test clean/PGD-{args.eval_pgd_steps} {row['test_clean_acc']:.3f}/{row['test_pgd20_acc']:.3f}  "
+                  f"{row['epoch_seconds']:.1f}s", flush=True)
+
+    fingerprints = utils.gather_objects(utils.state_fingerprint(model))
+    if not is_main:
+        return None
     log.close()
+    if world_size > 1:
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"the {world_size} ranks ended with different weights: {fingerprints}")
+        print(f"weights identical on all {world_size} ranks (sha256 {fingerprints[0][:16]})")
     best_row = max(metrics, key=lambda m: m[select_on])
     print(f"done: best {select_on} {best_row[select_on]:.4f} at epoch {best_row['epoch']}, "
           f"final {metrics[-1][select_on]:.4f}; outputs in {run_dir}")

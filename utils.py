@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -71,6 +72,65 @@ def pick_device(name=None):
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_distributed(device_name=None):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL with one GPU per
+    process, gloo on CPUs. Returns (rank, world_size, device); (0, 1, device) for a plain run."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # let every rank finish its collectives before the group goes away
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_(tensor):
+    """Sum `tensor` over all ranks in place (nothing to do in a plain run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def average_buffers_(model):
+    """Average floating-point buffers (BatchNorm statistics) over all ranks, so that every rank holds
+    the same weights; parameters are already identical under DDP."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer.div_(dist.get_world_size())
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] under torchrun; [obj] in a plain run."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def state_fingerprint(model):
+    """SHA-256 of every tensor of the state_dict: equal fingerprints mean bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rng_state():
@@ -267,7 +327,8 @@ def progress(iterable, **kwargs):
     """tqdm that stays quiet when stderr is not a terminal (logs, CI), and cleans up after itself."""
     from tqdm import tqdm
 
-    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
+    kwargs.setdefault("disable", None)  # None: off when not a terminal
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def to_float(x_uint8):
