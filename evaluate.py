@@ -1,0 +1,671 @@
+"""Evaluate checkpoints the way the PIAT paper does: clean, PGD-20, CW-20 and AutoAttack accuracy of the
+best and the final checkpoint of a run, and their difference (Table I); the loss landscape (Fig. 8).
+
+    python evaluate.py runs/cifar10__train_piat__0__1763800000     # best.pt and final.pt -> RUN_DIR/eval.json
+    python evaluate.py runs/a/final.pt --attacks clean,pgd20       # one checkpoint -> runs/a/final.eval.json
+    python evaluate.py model.pt --arch resnet18 --dataset cifar10  # a plain state_dict (TRADES, MART, AutoAttack's
+                                                  # example model): raw [0,1] input unless --input-normalization
+    python evaluate.py --table runs/a runs/b                       # several runs' eval.json as one Table I
+    python evaluate.py runs/a --landscape                          # Fig. 8: final.landscape.npz and .png
+
+Attacks (L-inf, images in [0, 1], the model normalises its input itself, BatchNorm in eval mode):
+    clean   accuracy on the unperturbed images
+    pgd20   PGD on the cross-entropy, 20 steps of 2/255, uniform random start in the 8/255 ball (Madry et al.)
+    cw20    the same loop on the Carlini-Wagner margin max_{j!=y} f_j - f_y
+    aa      AutoAttack (Croce & Hein 2020) through the pyautoattack package: version standard (APGD-CE,
+            APGD-T, FAB-T, Square) at eps 8/255, seed --seed, batch --batch-size; the accuracy is the
+            robust accuracy run_standard_evaluation computes. --aa-version custom --aa-attacks ... is cheaper.
+
+Examples: the whole test set by default (as the paper); --n-examples N takes the first N test images
+(--subset first, the default for cifar10/cifar100/svhn: what AutoAttack's eval.py and RobustBench use), or
+sorted(utils.fixed_subset(n_test, N)) (--subset fixed, the default for imagefolder and synthetic sets,
+whose files are ordered by class; it is the subset train_piat.py's --eval-size N evaluates every epoch).
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import utils
+
+ATTACKS = ("clean", "pgd20", "cw20", "aa")
+ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD20", "cw20": "CW", "aa": "AA"}  # Table I's column groups
+AA_VERSIONS = ("standard", "plus", "rand", "custom")
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+NORMALIZATIONS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), **utils.CHANNEL_STATS}
+STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"state_dict": {...}} and the like
+LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL"}
+
+
+def comma_list(allowed):
+    """argparse `type=` for a comma-separated list whose items must come from `allowed`."""
+
+    def parse(text):
+        items = [item.strip().lower() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise utils.argparse.ArgumentTypeError(f"unknown {unknown[0]!r} in {text!r}" if unknown else "empty list")
+        return list(dict.fromkeys(items))  # drop repeats, keep the order
+
+    parse.__name__ = "list"
+    return parse
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
+    nonneg_int, nonneg_float = utils.non_negative(int), utils.non_negative(float)
+    pos_int, pos_float = utils.positive(int), utils.positive(float)
+    p.add_argument("paths", nargs="+", type=str, metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run folders (their best.pt and final.pt are evaluated), checkpoints of this project, plain "
+                        "state_dicts (with --arch); with --table: run folders or the JSON files evaluate.py wrote")
+    g = p.add_argument_group("what to measure (epsilon and step size in 1/255 units)")
+    g.add_argument("--attacks", type=comma_list(ATTACKS), default=None,
+                   help=f"comma-separated, any of {','.join(ATTACKS)} (default: all of them, or none with --landscape)")
+    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+                   help="L-inf radius of every attack and of AutoAttack (default: %(default)s)")
+    g.add_argument("--step-size", type=nonneg_float, default=2.0,
+                   help="step size of PGD-20 and CW-20 (default: %(default)s)")
+    g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS,
+                   help="AutoAttack version: standard (the paper's and RobustBench's), plus, rand, or custom "
+                        "(--aa-attacks with pyautoattack's default settings of each, for quick looks)")
+    g.add_argument("--aa-attacks", type=comma_list(AA_ATTACKS), default=None,
+                   help=f"with --aa-version custom: any of {','.join(AA_ATTACKS)} (default: apgd-ce,apgd-t)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=str, default=None, choices=utils.DATASETS,
+                   help="test set to evaluate on (default: the checkpoint's own data set; cifar10 for plain "
+                        "state_dicts)")
+    g.add_argument("--data-dir", type=str, default=None,
+                   help="where the data set lives (default: the checkpoint's own --data-dir, else ./data)")
+    g.add_argument("--image-size", type=pos_int, default=None,
+                   help="resize image-folder images to this size (default: the checkpoint's own --image-size)")
+    g.add_argument("--n-examples", type=pos_int, default=None, help="evaluate N test images (default: all of them)")
+    g.add_argument("--subset", type=str, default=None, choices=("first", "fixed"),
+                   help="which N: the first N test images (default for cifar10/cifar100/svhn, as AutoAttack's eval.py "
+                        "and RobustBench), or sorted(utils.fixed_subset(n_test, N)), the same for every seed (default "
+                        "for imagefolder/synthetic, whose images are ordered by class)")
+    g.add_argument("--batch-size", type=pos_int, default=250,
+                   help="batch size of every attack, AutoAttack's included (250 is pyautoattack's own default)")
+    g = p.add_argument_group("plain state_dicts from other projects")
+    g.add_argument("--arch", type=str, default=None, choices=utils.ARCHS,
+                   help="read the checkpoints as plain state_dicts of this network (bare, or under 'state_dict'/"
+                        "'model'/'net', 'module.' prefixes stripped)")
+    g.add_argument("--num-classes", type=pos_int, default=None,
+                   help="outputs of that network (default: read from its last layer)")
+    g.add_argument("--input-normalization", type=str, default=None, choices=tuple(NORMALIZATIONS),
+                   help="how that network normalises its [0,1] input: none (default; TRADES, MART and AutoAttack's "
+                        "example models take raw [0,1] images) or the channel statistics of a data set")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="explicit normalisation mean of that network (with --std), instead of --input-normalization")
+    g.add_argument("--std", type=pos_float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="explicit normalisation standard deviation of that network")
+    g.add_argument("--unsafe-load", action="store_true",
+                   help="allow a plain checkpoint that pickles Python objects (torch.load weights_only=False): it can "
+                        "run code, so only for files you trust")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the attacks' random starts and of AutoAttack (default: %(default)s; re-set before "
+                        "every measurement, so each number does not depend on what was measured before it)")
+    g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--out", type=str, default=None,
+                   help="JSON file for all numbers (default: RUN_DIR/eval.json, or CHECKPOINT's name with .eval.json); "
+                        "with --table, the markdown file to write")
+    g.add_argument("--table", action="store_true",
+                   help="gather the JSON files of the given run folders into one markdown table shaped like Table I")
+    g = p.add_argument_group("loss landscape (Fig. 8): L(theta + a*d1 + b*d2), PGD adversarial CE on a fixed batch")
+    g.add_argument("--landscape", action="store_true",
+                   help="compute it for final.pt of each run folder (or each given checkpoint); writes .npz and .png")
+    g.add_argument("--landscape-steps", type=pos_int, default=21,
+                   help="grid points along each direction (default: %(default)s)")
+    g.add_argument("--landscape-range", type=pos_float, default=1.0,
+                   help="a and b run over [-range, range] (default: %(default)s)")
+    g.add_argument("--landscape-batch", type=pos_int, default=256,
+                   help="the fixed batch: the first N of the evaluated test images (default: %(default)s)")
+    g.add_argument("--landscape-pgd-steps", type=nonneg_int, default=20,
+                   help="PGD steps of the landscape's attack (default: %(default)s)")
+    args = p.parse_args(argv)
+    validate(args)
+    return args
+
+
+def validate(args):
+    if args.attacks is None:
+        args.attacks = [] if args.landscape else list(ATTACKS)
+    if args.aa_version == "custom":
+        args.aa_attacks = args.aa_attacks or ["apgd-ce", "apgd-t"]
+    elif args.aa_attacks is not None:
+        raise utils.UserError(f"--aa-attacks needs --aa-version custom (version {args.aa_version} runs its own set)")
+    if (args.mean is None) != (args.std is None):
+        raise utils.UserError("--mean and --std go together")
+    if args.mean is not None and args.input_normalization is not None:
+        raise utils.UserError("give either --input-normalization or --mean/--std, not both")
+    foreign_flags = [flag for flag, value in (("--num-classes", args.num_classes), ("--mean", args.mean),
+                                              ("--input-normalization", args.input_normalization)) if value is not None]
+    if foreign_flags and args.arch is None and not args.table:
+        raise utils.UserError(f"{foreign_flags[0]} describes a plain state_dict and needs --arch; checkpoints of this "
+                              "project carry their own architecture and normalisation")
+
+
+# ----------------------------------------------------------------------------------------------
+# The attacks (METHOD.md). Images live in [0, 1]; epsilon and step_size here are in [0, 1] units.
+# pgd_attack and cw_margin are train_piat.py's, copied so that this script stands alone.
+# ----------------------------------------------------------------------------------------------
+
+
+def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start=True):
+    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x'-x||_inf <= epsilon, x' in [0,1].
+
+    loss: "ce" cross-entropy; "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y; "kl" TRADES's
+    KL(p(x) || p(x')) (y unused). random_start: True or "uniform" draws U(-eps, eps) (Madry et al.);
+    "normal" starts at 0.001*N(0, 1), as the official TRADES and MART code does; False starts at x.
+    The caller chooses the model's mode (evaluation keeps it in eval mode)."""
+    x = x.detach()
+    if loss == "kl":
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+    if random_start is True or random_start == "uniform":
+        delta = torch.empty_like(x).uniform_(-epsilon, epsilon)
+    elif random_start == "normal":
+        delta = (0.001 * torch.randn_like(x)).clamp_(-epsilon, epsilon)
+    else:
+        delta = torch.zeros_like(x)
+    delta = (x + delta).clamp_(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        if loss == "ce":
+            objective = F.cross_entropy(logits, y, reduction="sum")
+        elif loss == "cw":
+            objective = cw_margin(logits, y).sum()
+        elif loss == "kl":
+            objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+        else:
+            raise ValueError(f"unknown attack loss {loss!r}")
+        (grad,) = torch.autograd.grad(objective, delta)
+        delta = (delta.detach() + step_size * grad.sign()).clamp_(-epsilon, epsilon)
+        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+    return (x + delta).detach()
+
+
+def cw_margin(logits, y):
+    """max_{j != y} f_j - f_y per example: positive exactly when x is misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def attack_accuracy(model, x_all, y_all, attack, epsilon, step_size, batch_size, device, desc=""):
+    """Number of uint8 images x_all (on the CPU) that `model` classifies correctly under `attack`:
+    "clean", "pgd20" (CE) or "cw20" (CW margin), 20 steps of step_size, uniform random start."""
+    model.eval()
+    correct = 0
+    for i in utils.progress(range(0, len(x_all), batch_size), desc=desc):
+        x = utils.to_float(x_all[i : i + batch_size].to(device))
+        y = y_all[i : i + batch_size].to(device)
+        if attack != "clean":
+            x = pgd_attack(model, x, y, epsilon, step_size, 20, loss="ce" if attack == "pgd20" else "cw")
+        with torch.no_grad():
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct
+
+
+def autoattack_accuracy(model, x, y, epsilon, version, attacks, seed, batch_size, device):
+    """Images x (float in [0, 1]) that stay correctly classified under AutoAttack, exactly as
+    pyautoattack's run_standard_evaluation counts them: it returns for every example the label the
+    model gives its adversarial example, or its clean prediction when no attack succeeded (a clean
+    mistake stays a mistake), so y_adv == y is its robust_flags. Returns (correct, the attacks it ran)."""
+    from pyautoattack import AutoAttack
+
+    model.eval()
+    adversary = AutoAttack(model, norm="Linf", eps=epsilon, version=version,
+                           attacks=attacks if version == "custom" else None, seed=seed, device=device)
+    with torch.no_grad():
+        num_classes = model(x[:1].to(device)).shape[1]
+    if num_classes < 10:  # both targeted attacks default to 9 target classes; fewer exist
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = num_classes - 1
+    log = logging.getLogger("auto-attack")
+    handler, level = logging.StreamHandler(sys.stderr), log.level
+    handler.setFormatter(logging.Formatter("  autoattack: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)  # its per-attack robust accuracy: the only progress it reports
+    try:
+        _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return int((y_adv.cpu() == y.cpu()).sum()), list(adversary.attacks_to_run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: checkpoints of this project, and plain state_dicts from other projects
+# ----------------------------------------------------------------------------------------------
+
+
+def method_name(checkpoint):
+    """A Table I row label from a checkpoint's flags: "PGD-AT", "PIAT + NMSE", "TRADES", ..., or the label
+    its script stored as args["method"] (train_rdat.py: "RDAT + PIAT", ...)."""
+    args = checkpoint.get("args") or {}
+    if args.get("method"):
+        return str(args["method"])
+    script = Path(checkpoint.get("script") or "train_piat.py").stem
+    loss = args.get("loss")
+    name = LOSS_NAMES.get(loss, loss or script)
+    if args.get("piat"):
+        name = "PIAT" if loss == "ce" else f"PIAT + {name}"
+    return name if script == "train_piat" else f"{script}: {name}"
+
+
+def unwrap_state_dict(obj, path):
+    """The state_dict inside what torch.load returned: bare, or under one of STATE_DICT_WRAPPERS,
+    with DataParallel's "module." and torch.compile's "_orig_mod." prefixes removed."""
+    for _ in range(3):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if isinstance(obj, Mapping) and not all(torch.is_tensor(v) for v in obj.values()):
+            inner = next((obj[k] for k in STATE_DICT_WRAPPERS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise utils.UserError(f"{path} holds no state_dict (a dict of tensors, bare or under "
+                              f"{'/'.join(STATE_DICT_WRAPPERS)}); found {keys}")
+    out = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):  # DataParallel / DistributedDataParallel, torch.compile
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        out[key] = value
+    return out
+
+
+def load_weights(model, state_dict, path, arch):
+    """Load state_dict into model, or one clear UserError naming what does not fit."""
+    expected = model.state_dict()
+    state_dict = dict(state_dict)
+    for key, value in expected.items():  # very old BatchNorm checkpoints lack the counter: keep ours
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = value
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                   ("size mismatches", mismatched)) if keys]
+    if problems:
+        raise utils.UserError(f"checkpoint {path} does not fit {arch}: {'; '.join(problems)}")
+    model.load_state_dict(state_dict)
+
+
+def load_model(path, args):
+    """(model in eval mode on the CPU, info) for a checkpoint of this project (rebuilt from what it
+    holds), or, with --arch, for a plain state_dict."""
+    path = Path(path)
+    if args.arch is None:
+        checkpoint = utils.load_checkpoint(path)
+        arch, kwargs = checkpoint["arch"], checkpoint.get("model_kwargs") or {}
+        model = utils.build_model(arch, checkpoint["num_classes"], checkpoint["mean"], checkpoint["std"], **kwargs)
+        load_weights(model, checkpoint["model"], path, arch)
+        saved = checkpoint.get("args") or {}
+        info = {"kind": checkpoint.get("script", "train_piat.py"), "arch": arch, "method": method_name(checkpoint),
+                "epoch": checkpoint.get("epoch"), "num_classes": checkpoint["num_classes"],
+                "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
+                "image_shape": checkpoint.get("image_shape"), "dataset": saved.get("dataset"),
+                "data_dir": saved.get("data_dir"), "image_size": saved.get("image_size")}
+    else:
+        if not path.is_file():
+            raise utils.UserError(f"no checkpoint at {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=not args.unsafe_load)
+        except Exception as err:
+            hint = "" if args.unsafe_load else (" (if it pickles Python objects and you trust it, add --unsafe-load; "
+                                                "a checkpoint of this project needs no --arch)")
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise utils.UserError(f"{path} is not a readable checkpoint{hint}: {first}") from None
+        if isinstance(obj, Mapping) and all(k in obj for k in utils.CHECKPOINT_KEYS):
+            raise utils.UserError(f"{path} is a checkpoint of this project ({obj['arch']}); drop --arch and it is "
+                                  "rebuilt from what it holds")
+        state_dict = unwrap_state_dict(obj, path)
+        if args.arch == "wrn-32-10":  # TRADES/MART's WideResNet builds an unused sub_block1
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("sub_block1.")}
+        if args.mean is not None:
+            mean, std = args.mean, args.std
+        else:
+            mean, std = NORMALIZATIONS[args.input_normalization or "none"]
+        num_classes = args.num_classes or classifier_outputs(args.arch, state_dict)
+        model = utils.build_model(args.arch, num_classes, mean, std)
+        load_weights(model, state_dict, path, args.arch)
+        info = {"kind": "state_dict", "arch": args.arch, "method": path.stem, "epoch": None, "num_classes": num_classes,
+                "mean": list(mean), "std": list(std), "image_shape": None, "dataset": None, "data_dir": None,
+                "image_size": None}
+    model.eval().requires_grad_(False)  # attacks need gradients of the input only
+    return model, info
+
+
+def classifier_outputs(arch, state_dict):
+    """The number of classes a state_dict was trained for: the rows of its last linear layer."""
+    reference = utils.build_model(arch, 10)
+    last = [name for name, module in reference.named_modules() if isinstance(module, nn.Linear)][-1]
+    weight = state_dict.get(f"{last}.weight")
+    return weight.shape[0] if weight is not None and weight.dim() == 2 else 10
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss landscape (Fig. 8; Li et al., "Visualizing the loss landscape of neural nets", 2018)
+# ----------------------------------------------------------------------------------------------
+
+
+def filter_normalized_direction(model, generator):
+    """A random Gaussian direction in weight space, one tensor per parameter, each filter (slice
+    along the first dimension: a conv's output channel, a linear layer's row) rescaled to the norm
+    of the same filter of the weights. One-dimensional parameters (biases, BatchNorm's scale and
+    shift) get a zero direction, Li et al.'s `ignore='biasbn'`; BatchNorm's running statistics are
+    buffers and stay as they are."""
+    direction = {}
+    for name, w in model.named_parameters():
+        if w.dim() <= 1:
+            direction[name] = torch.zeros_like(w)
+            continue
+        d = torch.randn(w.shape, generator=generator).to(w.device, w.dtype)
+        scale = w.detach().flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-10)
+        direction[name] = d * scale.view(-1, *[1] * (w.dim() - 1))
+    return direction
+
+
+def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_size, desc="landscape"):
+    """loss[i, j] = mean CE of the perturbed model on PGD-`steps` adversarial examples of the fixed
+    batch (x, y), at theta + coords[i]*d1 + coords[j]*d2; the attack is regenerated against every
+    perturbed model, from the same random start. Returns (loss, accuracy) grids; the weights are
+    restored afterwards."""
+    model.eval()
+    params = dict(model.named_parameters())
+    origin = {name: p.detach().clone() for name, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    d1 = filter_normalized_direction(model, generator)
+    d2 = filter_normalized_direction(model, generator)
+    loss = np.zeros((len(coords), len(coords)))
+    accuracy = np.zeros_like(loss)
+    grid = [(i, j) for i in range(len(coords)) for j in range(len(coords))]
+    try:
+        for i, j in utils.progress(grid, desc=desc):
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(origin[name] + coords[i] * d1[name] + coords[j] * d2[name])
+            utils.seed_everything(seed)  # the same random start at every grid point: a smoother surface
+            total, correct = 0.0, 0
+            for k in range(0, len(x), batch_size):
+                xb, yb = x[k : k + batch_size], y[k : k + batch_size]
+                x_adv = pgd_attack(model, xb, yb, epsilon, step_size, steps)
+                with torch.no_grad():
+                    logits = model(x_adv)
+                total += F.cross_entropy(logits, yb, reduction="sum").item()
+                correct += int((logits.argmax(1) == yb).sum())
+            loss[i, j], accuracy[i, j] = total / len(x), correct / len(x)
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(origin[name])
+    return loss, accuracy
+
+
+def plot_landscape(coords, loss, path, title):
+    """A 3-D surface of the loss grid, saved atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b = np.meshgrid(coords, coords, indexing="ij")
+    fig = plt.figure(figsize=(6.5, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(a, b, loss, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set(xlabel="a (direction d1)", ylabel="b (direction d2)", zlabel="adversarial CE", title=title)
+    fig.tight_layout()
+    utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: the JSON files and Table I
+# ----------------------------------------------------------------------------------------------
+
+
+def read_results(path):
+    """The rows and landscapes of a JSON file evaluate.py wrote, or empty lists when it is not there."""
+    path = Path(path)
+    if not path.exists():
+        return {"results": [], "landscapes": []}
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved.get("results"), list):
+            raise ValueError("no 'results' list")
+    except (ValueError, AttributeError, OSError) as err:
+        raise utils.UserError(f"{path} is not a results file of evaluate.py ({err}); move it away or pass "
+                              "--out") from None
+    saved.setdefault("landscapes", [])
+    return saved
+
+
+def table_i(rows):
+    """{run: {"dataset", "method", attack: {"best", "final", "diff"}}} from result rows; a checkpoint
+    that is neither best.pt nor final.pt fills the Best column. Diff is |Best - Final| (Table I)."""
+    runs = {}
+    for row in rows:
+        run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "n": set(),
+                                           "notes": set()})
+        column = "final" if row["role"] == "final" else "best"
+        run.setdefault(row["attack"], {})[column] = row["accuracy"]
+        run["n"].add(row["n"])
+        if row["attack"] != "clean" and row.get("epsilon_255") != 8:
+            run["notes"].add(f"eps {row.get('epsilon_255'):g}/255")
+        if row["attack"] == "aa" and row.get("aa_version") != "standard":
+            run["notes"].add(f"AA {row.get('aa_version')} ({','.join(row.get('aa_attacks') or [])})")
+    for run in runs.values():
+        for attack in ATTACKS:
+            cell = run.get(attack)
+            if cell and "best" in cell and "final" in cell:
+                cell["diff"] = abs(cell["best"] - cell["final"])
+    return runs
+
+
+def markdown_table(rows):
+    """Table I as markdown: one row per run, Best | Final | Diff (in %) for Clean, PGD20, CW and AA."""
+    header = ["Run", "Dataset", "Method"]
+    header += [f"{ATTACK_TITLES[attack]} {column}" for attack in ATTACKS for column in ("Best", "Final", "Diff")]
+    lines = ["| " + " | ".join(header + ["n", "notes"]) + " |", "|" + "---|" * (len(header) + 2)]
+    for run, t in table_i(rows).items():
+        cells = [Path(run).name, str(t["dataset"]), str(t["method"])]
+        for attack in ATTACKS:
+            cell = t.get(attack, {})
+            cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in ("best", "final", "diff")]
+        cells += ["/".join(str(n) for n in sorted(t["n"])), "; ".join(sorted(t["notes"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_mode(args):
+    rows = []
+    for path in map(Path, args.paths):
+        json_path = path / "eval.json" if path.is_dir() else path
+        if not json_path.is_file():
+            raise utils.UserError(f"no results at {json_path}; run evaluate.py {path} first")
+        rows += read_results(json_path)["results"]
+    if not rows:
+        raise utils.UserError(f"no results in {', '.join(args.paths)}")
+    table = markdown_table(rows)
+    print(table, end="")
+    if args.out:
+        utils.atomic_write(args.out, lambda f: f.write(table.encode()))
+        print(f"wrote {args.out}")
+    return {"rows": rows, "table": table, "outputs": [args.out] if args.out else []}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_inputs(paths, out):
+    """[(run, [(role, checkpoint path)], json path, is a run folder)] for the given folders and files."""
+    jobs = []
+    for text in paths:
+        path = Path(text).absolute()  # absolute: results merge the same way from any working directory
+        if path.is_dir():
+            checkpoints = [(role, path / f"{role}.pt") for role in ("best", "final") if (path / f"{role}.pt").is_file()]
+            if not checkpoints:
+                raise utils.UserError(f"{path} holds neither best.pt nor final.pt")
+            jobs.append((str(path), checkpoints, Path(out) if out else path / "eval.json", True))
+        elif path.is_file():
+            role = path.stem if path.stem in ("best", "final") else "checkpoint"
+            jobs.append((str(path), [(role, path)], Path(out) if out else path.with_suffix(".eval.json"), False))
+        else:
+            raise utils.UserError(f"no checkpoint or run folder at {text}")
+    for _, _, json_path, _ in jobs:
+        if not json_path.parent.is_dir() or not os.access(json_path.parent, os.W_OK):
+            raise utils.UserError(f"cannot write results to {json_path}; pass --out FILE")
+    return jobs
+
+
+def pick_examples(data, n, subset):
+    """Indices of the evaluated test images (see --subset), in the data set's own order."""
+    n_test = len(data.x_test)
+    if n is not None and n > n_test:
+        raise utils.UserError(f"--n-examples {n} but the test set holds {n_test} images")
+    if n is None or n == n_test:
+        return torch.arange(n_test)
+    return torch.arange(n) if subset == "first" else utils.fixed_subset(n_test, n).sort().values
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        return table_mode(args)
+    device = utils.pick_device(args.device)
+    utils.seed_everything(args.seed)
+    eps, step = args.epsilon / 255, args.step_size / 255
+
+    # every checkpoint is read first: bad input stops here, before any data is loaded or number computed
+    jobs = resolve_inputs(args.paths, args.out)
+    models = {str(ckpt): load_model(ckpt, args) for _, checkpoints, _, _ in jobs for _, ckpt in checkpoints}
+    datasets, written, new_rows = {}, [], []
+    for run, checkpoints, json_path, is_run_dir in jobs:
+        saved = read_results(json_path)
+        for role, ckpt in checkpoints:
+            # the landscape of a run is the one of its final weights, as the paper's Fig. 8
+            landscape = args.landscape and (role != "best" or len(checkpoints) == 1)
+            if not args.attacks and not landscape:
+                continue
+            model, info = models[str(ckpt)]
+            dataset = args.dataset or info["dataset"] or "cifar10"
+            data_dir = args.data_dir or (info["data_dir"] if dataset == info["dataset"] else None) or "./data"
+            image_size = args.image_size or (info["image_size"] if dataset == info["dataset"] else None)
+            key = (dataset, str(data_dir), image_size)
+            if key not in datasets:
+                datasets[key] = utils.load_dataset(dataset, data_dir, image_size)
+            data = datasets[key]
+            if data.num_classes != info["num_classes"]:
+                raise utils.UserError(f"{ckpt} has {info['num_classes']} outputs but {dataset} has {data.num_classes} "
+                                      "classes (--dataset? --num-classes?)")
+            if info["image_shape"] and tuple(info["image_shape"]) != tuple(data.image_shape):
+                raise utils.UserError(f"{ckpt} was trained on {tuple(info['image_shape'])} images but {dataset} holds "
+                                      f"{tuple(data.image_shape)} (--image-size?)")
+            subset = args.subset or ("first" if dataset in ("cifar10", "cifar100", "svhn") else "fixed")
+            idx = pick_examples(data, args.n_examples, subset)
+            subset = "all" if len(idx) == len(data.x_test) else subset
+            x, y = data.x_test[idx], data.y_test[idx]
+            model.to(device)
+            epoch = f", epoch {info['epoch']}" if info["epoch"] else ""
+            which = "all" if subset == "all" else f"{subset} subset"
+            print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(idx)} {dataset} test images ({which}), "
+                  f"{device}")
+            common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
+                      "arch": info["arch"], "epoch": info["epoch"], "dataset": dataset, "subset": subset, "n": len(idx),
+                      "seed": args.seed, "batch_size": args.batch_size, "device": str(device)}
+
+            for attack in args.attacks:
+                utils.seed_everything(args.seed)  # each number is reproducible on its own
+                start = time.time()
+                row = {**common, "attack": attack, "epsilon": 0.0 if attack == "clean" else eps,
+                       "epsilon_255": 0.0 if attack == "clean" else args.epsilon}
+                if attack == "aa":
+                    correct, ran = autoattack_accuracy(model, utils.to_float(x), y, eps, args.aa_version,
+                                                       args.aa_attacks, args.seed, args.batch_size, device)
+                    row.update(aa_version=args.aa_version, aa_attacks=ran)
+                else:
+                    correct = attack_accuracy(model, x, y, attack, eps, step, args.batch_size, device,
+                                              desc=f"{role} {attack}")
+                    if attack != "clean":
+                        row.update(steps=20, step_size_255=args.step_size)
+                row.update(accuracy=correct / len(idx), correct=correct, seconds=time.time() - start)
+                print(f"  {role:10s} {attack:6s} {100 * row['accuracy']:6.2f}%  ({correct}/{len(idx)}, "
+                      f"{row['seconds']:.1f} s)", flush=True)
+                new_rows.append(row)
+                saved["results"] = [r for r in saved["results"] if (r["run"], r["role"], r["attack"]) !=
+                                    (run, role, attack)] + [row]
+                save_results(saved, json_path)  # after every number: a crash keeps what was measured
+
+            if landscape:
+                # files beside the results: RUN_DIR/final.landscape.npz, CKPT_NAME.landscape.npz, or with --out
+                # OUT_DIR/RUN_NAME.final.landscape.npz
+                name = Path(ckpt).stem if not is_run_dir else role if args.out is None else f"{Path(run).name}.{role}"
+                entry = landscape_for(model, x, y, args, device, common, json_path.parent / f"{name}.landscape")
+                saved["landscapes"] = [e for e in saved["landscapes"] if (e["run"], e["role"]) != (run, role)] + [entry]
+                save_results(saved, json_path)
+            model.cpu()
+        if json_path not in written:
+            written.append(json_path)
+        print(f"wrote {json_path}")
+
+    if new_rows:
+        runs = list(dict.fromkeys(r["run"] for r in new_rows))
+        all_rows = [r for p in written for r in read_results(p)["results"] if r["run"] in runs]
+        print(markdown_table(all_rows), end="")
+    return {"rows": new_rows, "outputs": [str(p) for p in written]}
+
+
+def save_results(saved, json_path):
+    saved["script"] = "evaluate.py"
+    table = table_i(saved["results"])
+    for t in table.values():
+        t["n"], t["notes"] = sorted(t["n"]), sorted(t["notes"])
+    saved["table"] = table
+    utils.save_json(saved, json_path)
+
+
+def landscape_for(model, x, y, args, device, common, stem):
+    """Compute, save (stem.npz and stem.png) and describe one checkpoint's loss landscape."""
+    start = time.time()
+    n = min(args.landscape_batch, len(x))
+    xb, yb = utils.to_float(x[:n].to(device)), y[:n].to(device)
+    coords = np.linspace(-args.landscape_range, args.landscape_range, args.landscape_steps)
+    loss, accuracy = loss_landscape(model, xb, yb, args.epsilon / 255, args.step_size / 255, args.landscape_pgd_steps,
+                                    coords, args.seed, args.batch_size, desc=f"{common['role']} landscape")
+    npz, png = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".png")
+    utils.atomic_write(npz, lambda f: np.savez(f, a=coords, b=coords, loss=loss, accuracy=accuracy,
+                                         epsilon=args.epsilon / 255, pgd_steps=args.landscape_pgd_steps, n=n))
+    plot_landscape(coords, loss, png, f"{common['method']} ({common['role']}): PGD-{args.landscape_pgd_steps} "
+                                      f"CE, {n} images")
+    center = len(coords) // 2
+    entry = {**common, "npz": str(npz), "png": str(png), "steps": args.landscape_steps, "range": args.landscape_range,
+             "batch": n, "pgd_steps": args.landscape_pgd_steps, "epsilon": args.epsilon / 255,
+             "loss_min": float(loss.min()), "loss_max": float(loss.max()),
+             "loss_center": float(loss[center, center]) if len(coords) % 2 else None, "seconds": time.time() - start}
+    print(f"  landscape {args.landscape_steps}x{args.landscape_steps} in [-{args.landscape_range:g}, "
+          f"{args.landscape_range:g}]^2: loss {entry['loss_min']:.3f}..{entry['loss_max']:.3f}, wrote {npz} and {png} "
+          f"({entry['seconds']:.1f} s)")
+    return entry
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except utils.UserError as err:
+        sys.exit(f"{os.path.basename(__file__)}: error: {err}")

@@ -1,0 +1,365 @@
+"""evaluate.py: an undefended model falls to PGD-20/CW-20, AutoAttack equals pyautoattack run directly,
+train_piat.py run folders, foreign ResNet-18 state_dicts, the Table I markdown, the loss landscape, and
+bad input. Everything on the synthetic set with a narrow small-cnn (seconds on 2 CPU cores)."""
+
+import json
+import logging
+import re
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate as ev
+import train_piat
+import utils
+from conftest import TINY, run_script
+
+CPU = ["--device", "cpu"]
+
+
+
+def checkpoint(model, data, epoch):
+    """A checkpoint in train_piat.py's format, of an undefended (clean-trained) model."""
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "arch": "small-cnn",
+            "model_kwargs": {"width": 8}, "num_classes": 10, "mean": data.mean, "std": data.std,
+            "image_shape": data.image_shape, "metrics": [], "epoch": epoch, "script": "train_piat.py",
+            "args": {"dataset": "synthetic", "data_dir": "./data", "image_size": None, "loss": "ce", "piat": False}}
+
+
+@pytest.fixture(scope="module")
+def undefended(tmp_path_factory):
+    """A run folder holding a small-cnn (width 8, through the checkpoint's model_kwargs) trained on clean
+    synthetic images for 6 epochs: best.pt after epoch 5, final.pt after epoch 6. About 10 s."""
+    run = tmp_path_factory.mktemp("undefended")
+    utils.seed_everything(0)
+    data = utils.make_synthetic()
+    x_train, y_train = data.x_train, data.y_train
+    model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    epochs, batch = 6, 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * -(-len(x_train) // batch))
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(x_train), batch):
+            idx = order[i : i + batch]
+            loss = F.cross_entropy(model(utils.to_float(utils.augment(x_train[idx]))), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if epoch + 1 >= epochs - 1:
+            name = "best.pt" if epoch + 1 < epochs else "final.pt"
+            utils.save_checkpoint(checkpoint(model, data, epoch + 1), run / name)
+    return run
+
+
+def rebuild(path):
+    """The model of a checkpoint of this project, rebuilt by hand (not through evaluate.py)."""
+    ck = utils.load_checkpoint(path)
+    model = utils.build_model(ck["arch"], ck["num_classes"], ck["mean"], ck["std"], **ck["model_kwargs"])
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+def synthetic_examples(n):
+    """The n synthetic test images evaluate.py takes by default: sorted(utils.fixed_subset(1000, n))."""
+    data = utils.make_synthetic()
+    idx = utils.fixed_subset(len(data.x_test), n).sort().values
+    return utils.to_float(data.x_test[idx]), data.y_test[idx]
+
+
+def rows_by(results, *keys):
+    """Result rows indexed by one key (row[key]) or several (a tuple)."""
+    return {tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]]: r for r in results}
+
+
+# ------------------------------------------------------------------------------------------ attacks
+
+
+def test_undefended_model_falls_to_pgd20_cw20_and_autoattack(undefended, capsys):
+    """All four attacks (the default) on best.pt and final.pt of a run folder; at 16/255 the clean-trained
+    model keeps no robust accuracy while its clean accuracy is high."""
+    out = ev.main([str(undefended), "--epsilon", "16", "--n-examples", "64", *CPU])
+    assert out["outputs"] == [str(undefended / "eval.json")]
+    saved = json.loads((undefended / "eval.json").read_text())
+    rows = rows_by(saved["results"], "role", "attack")
+    assert sorted(rows) == sorted((role, a) for role in ("best", "final") for a in ev.ATTACKS)
+    for role in ("best", "final"):
+        assert rows[role, "clean"]["accuracy"] >= 0.8, rows[role, "clean"]
+        for attack in ("pgd20", "cw20", "aa"):
+            row = rows[role, attack]
+            assert row["accuracy"] <= 0.05, row
+            assert row["epsilon"] == pytest.approx(16 / 255) and row["epsilon_255"] == 16
+        for row in (rows[role, a] for a in ev.ATTACKS):
+            assert row["n"] == 64 and row["correct"] == round(64 * row["accuracy"]) and row["seconds"] > 0
+            assert row["checkpoint"] == str(undefended / f"{role}.pt") and row["dataset"] == "synthetic"
+            assert row["subset"] == "fixed" and row["method"] == "PGD-AT" and row["arch"] == "small-cnn"
+    assert rows["best", "clean"]["epoch"] == 5 and rows["final", "clean"]["epoch"] == 6
+    assert rows["final", "aa"]["aa_version"] == "standard"
+    assert rows["final", "aa"]["aa_attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert rows["final", "pgd20"]["steps"] == 20 and rows["final", "cw20"]["step_size_255"] == 2
+    # the Table I row: Best, Final and |Best - Final| per attack, in the JSON and printed as markdown
+    table = saved["table"][str(undefended)]
+    clean = table["clean"]
+    assert clean["best"] == rows["best", "clean"]["accuracy"] and clean["final"] == rows["final", "clean"]["accuracy"]
+    assert clean["diff"] == pytest.approx(abs(clean["best"] - clean["final"]))
+    printed = capsys.readouterr().out
+    assert "| Clean Best | Clean Final | Clean Diff | PGD20 Best |" in printed
+    row = f"| {undefended.name} | synthetic | PGD-AT | {100 * clean['best']:.2f} | {100 * clean['final']:.2f} |"
+    assert row in printed
+
+
+def test_attacks_stay_in_the_ball_and_raise_their_loss(undefended):
+    model = rebuild(undefended / "final.pt")
+    x, y = synthetic_examples(32)
+    eps = 8 / 255
+    for loss, objective in (("ce", lambda z: F.cross_entropy(z, y)), ("cw", lambda z: ev.cw_margin(z, y).mean())):
+        x_adv = ev.pgd_attack(model, x, y, eps, 2 / 255, 20, loss=loss)
+        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            assert objective(model(x_adv)) > objective(model(x)) + 0.5
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    assert ev.cw_margin(logits, torch.tensor([0, 0])).tolist() == [-1.0, 3.0]
+
+
+def test_autoattack_equals_pyautoattack_run_directly(undefended, tmp_path, caplog):
+    """The same model, the same 24 images, version and seed: evaluate.py's AA accuracy is exactly the
+    robust accuracy pyautoattack reports, and a strict share of the clean one (so the check has teeth)."""
+    from pyautoattack import AutoAttack
+
+    flags = ["--attacks", "clean,aa", "--aa-version", "custom", "--aa-attacks", "apgd-ce", "--epsilon", "2",
+             "--n-examples", "24", "--out", str(tmp_path / "aa.json"), *CPU]
+    rows = rows_by(ev.main([str(undefended / "final.pt"), *flags])["rows"], "attack")
+    assert rows["aa"]["aa_version"] == "custom" and rows["aa"]["aa_attacks"] == ["apgd-ce"]
+
+    model = rebuild(undefended / "final.pt")
+    x, y = synthetic_examples(24)
+    caplog.set_level(logging.DEBUG, logger="auto-attack")
+    caplog.clear()  # only what the direct run logs
+    adversary = AutoAttack(model, norm="Linf", eps=2 / 255, version="custom", attacks=["apgd-ce"], seed=0, device="cpu")
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=250)
+    messages = [record.getMessage() for record in caplog.records if record.name == "auto-attack"]
+    reported = [float(m[1]) for m in map(re.compile(r"robust accuracy: ([\d.]+)%$").match, messages) if m]
+    direct = adversary.clean_accuracy(x_adv, y)
+    assert reported == [pytest.approx(100 * direct, abs=0.005)]
+    assert rows["aa"]["accuracy"] == direct
+    assert 0 < rows["aa"]["accuracy"] < rows["clean"]["accuracy"]
+    assert (x_adv - x).abs().max() <= 2 / 255 + 1e-6
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_train_piat_run_folder_rebuilds_its_model_and_data(tmp_path):
+    """A train_piat.py run: the data set comes from the checkpoint, and on the subset train_piat.py
+    evaluates every epoch (--subset fixed) the clean accuracy is the one its metrics.csv logged."""
+    run = tmp_path / "run"
+    train_piat.main([*TINY, "--epochs", "2", "--out-dir", str(run)])
+    rows = rows_by(ev.main([str(run), "--attacks", "clean", "--n-examples", "32", *CPU])["rows"], "role")
+    metrics = utils.read_metrics(run / "metrics.csv")
+    best_epoch = max(metrics, key=lambda m: m["test_pgd20_acc"])["epoch"]
+    assert rows["final"]["accuracy"] == pytest.approx(metrics[-1]["test_clean_acc"], abs=1e-6)
+    assert rows["best"]["accuracy"] == pytest.approx(metrics[best_epoch - 1]["test_clean_acc"], abs=1e-6)
+    assert rows["final"]["dataset"] == "synthetic" and rows["final"]["method"] == "PIAT + NMSE"
+    assert rows["best"]["epoch"] == best_epoch and rows["final"]["epoch"] == 2
+    assert (run / "eval.json").is_file()
+
+
+def test_foreign_resnet18_state_dicts_load_in_every_wrapping(tmp_path):
+    """The CIFAR ResNet-18 layout of TRADES, MART and AutoAttack's example: bare, under "state_dict"
+    with DataParallel's "module." prefixes, under "net", and beside other entries under "model"."""
+    torch.manual_seed(1)
+    reference = utils.build_model("resnet18", 10)
+    for module in reference.modules():  # non-trivial BatchNorm statistics, so that they must load too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = reference.state_dict()
+    variants = {"bare": state, "dataparallel": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+                "net": {"net": state}, "model": {"model": state, "epoch": 100, "acc": 0.5}}
+    for name, obj in variants.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        path = tmp_path / f"{name}.pt"
+        model, info = ev.load_model(path, ev.parse_args([str(path), "--arch", "resnet18"]))
+        assert info["kind"] == "state_dict" and info["num_classes"] == 10, name
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), (name, key)
+        assert model.normalize.mean.flatten().tolist() == [0, 0, 0]  # raw [0, 1] input
+        assert model.normalize.std.flatten().tolist() == [1, 1, 1]
+    # a model that normalises its input with CIFAR-10's statistics says so with a flag
+    args = ev.parse_args([str(tmp_path / "bare.pt"), "--arch", "resnet18", "--input-normalization", "cifar10"])
+    model, _ = ev.load_model(tmp_path / "bare.pt", args)
+    assert model.normalize.mean.flatten().tolist() == pytest.approx(utils.CHANNEL_STATS["cifar10"][0])
+    # end to end: its clean accuracy on the evaluated images is the one computed by hand
+    out = ev.main([str(tmp_path / "dataparallel.pt"), "--arch", "resnet18", "--dataset", "synthetic",
+                   "--attacks", "clean", "--n-examples", "16", *CPU])
+    x, y = synthetic_examples(16)
+    with torch.no_grad():
+        by_hand = (reference.eval()(x).argmax(1) == y).float().mean().item()
+    assert out["rows"][0]["accuracy"] == by_hand and out["rows"][0]["role"] == "checkpoint"
+    assert out["outputs"] == [str(tmp_path / "dataparallel.eval.json")]
+
+
+@pytest.mark.skipif(find_spec("pyautoattack") is None, reason="pyautoattack not installed")
+def test_autoattacks_published_example_model_fits_resnet18():
+    path = Path(find_spec("pyautoattack").origin).parent / "examples" / "model_test.pt"
+    if not path.is_file():
+        pytest.skip("this pyautoattack ships no example model")
+    model, info = ev.load_model(path, ev.parse_args([str(path), "--arch", "resnet18"]))
+    assert info["num_classes"] == 10
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------------ Table I
+
+
+def fake_results(run, dataset, method, best, final, n=10000):
+    """An eval.json with known numbers: best/final = {attack: accuracy}."""
+    rows = [{"run": str(run), "role": role, "attack": attack, "accuracy": acc, "n": n, "dataset": dataset,
+             "method": method, "epsilon_255": 0 if attack == "clean" else 8, "aa_version": "standard"}
+            for role, accs in (("best", best), ("final", final)) for attack, acc in accs.items()]
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"script": "evaluate.py", "results": rows}))
+
+
+def test_table_gathers_runs_like_table_i(tmp_path, capsys):
+    # the paper's CIFAR-10 rows for PGD-AT and PIAT + NMSE (Table I), as two runs' results
+    fake_results(tmp_path / "pgdat", "cifar10", "PGD-AT",
+                 {"clean": .8428, "pgd20": .5029, "cw20": .4931, "aa": .4633},
+                 {"clean": .8562, "pgd20": .4586, "cw20": .4325, "aa": .4136})
+    fake_results(tmp_path / "piat", "cifar10", "PIAT + NMSE",
+                 {"clean": .8096, "pgd20": .5374, "cw20": .5172},
+                 {"clean": .8284, "pgd20": .5281, "cw20": .5049}, n=500)
+    ev.main(["--table", str(tmp_path / "pgdat"), str(tmp_path / "piat" / "eval.json"), "--out", str(tmp_path / "t.md")])
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines == capsys.readouterr().out.splitlines()[:4]
+    assert lines[0] == ("| Run | Dataset | Method | Clean Best | Clean Final | Clean Diff | PGD20 Best | PGD20 Final | "
+                        "PGD20 Diff | CW Best | CW Final | CW Diff | AA Best | AA Final | AA Diff | n | notes |")
+    assert lines[1] == "|" + "---|" * 17
+    assert lines[2] == ("| pgdat | cifar10 | PGD-AT | 84.28 | 85.62 | 1.34 | 50.29 | 45.86 | 4.43 | 49.31 | 43.25 | "
+                        "6.06 | 46.33 | 41.36 | 4.97 | 10000 |  |")
+    assert lines[3] == ("| piat | cifar10 | PIAT + NMSE | 80.96 | 82.84 | 1.88 | 53.74 | 52.81 | 0.93 | 51.72 | "
+                        "50.49 | 1.23 | – | – | – | 500 |  |")
+
+
+# ------------------------------------------------------------------------------------------ landscape
+
+
+def test_filter_normalized_directions():
+    model = utils.build_model("small-cnn", 10, width=8)
+    generator = torch.Generator().manual_seed(0)
+    d1, d2 = ev.filter_normalized_direction(model, generator), ev.filter_normalized_direction(model, generator)
+    for name, w in model.named_parameters():
+        if w.dim() == 1:
+            assert not d1[name].any(), name  # biases and BatchNorm parameters stay put
+        else:
+            assert torch.allclose(d1[name].flatten(1).norm(dim=1), w.detach().flatten(1).norm(dim=1), rtol=1e-4), name
+            assert not torch.allclose(d1[name], d2[name])
+
+
+def test_landscape_on_a_tiny_model(undefended, tmp_path):
+    out = ev.main([str(undefended / "final.pt"), "--landscape", "--landscape-steps", "3", "--landscape-range", "0.5",
+                   "--landscape-batch", "16", "--landscape-pgd-steps", "2", "--out", str(tmp_path / "l.json"), *CPU])
+    assert out["rows"] == []  # --landscape alone measures no attack
+    grid = np.load(tmp_path / "final.landscape.npz")
+    assert grid["a"].tolist() == grid["b"].tolist() == [-0.5, 0.0, 0.5]
+    loss, accuracy = grid["loss"], grid["accuracy"]
+    assert loss.shape == accuracy.shape == (3, 3) and np.isfinite(loss).all() and (loss > 0).all()
+    assert ((accuracy >= 0) & (accuracy <= 1)).all()
+    # the centre is the trained model itself: its PGD-2 adversarial cross-entropy on the same 16 images
+    model = rebuild(undefended / "final.pt")
+    x, y = synthetic_examples(1000)
+    utils.seed_everything(0)
+    x_adv = ev.pgd_attack(model, x[:16], y[:16], 8 / 255, 2 / 255, 2)
+    with torch.no_grad():
+        assert loss[1, 1] == pytest.approx(F.cross_entropy(model(x_adv), y[:16]).item(), rel=1e-5)
+    assert loss.max() > loss[1, 1]  # half a filter-norm away the model is worse
+    png = (tmp_path / "final.landscape.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    (entry,) = json.loads((tmp_path / "l.json").read_text())["landscapes"]
+    assert entry["npz"] == str(tmp_path / "final.landscape.npz") and entry["loss_center"] == pytest.approx(loss[1, 1])
+    # the weights are put back afterwards
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev.loss_landscape(model, x[:8], y[:8], 8 / 255, 2 / 255, 1, np.array([-1.0, 1.0]), 0, 8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(result):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("evaluate.py: error: ")
+    return lines[0]
+
+
+def test_bad_input_gets_one_line(tmp_path, undefended):
+    script = Path(ev.__file__)
+    # a missing file
+    assert "no checkpoint or run folder at" in one_line_error(run_script(script, tmp_path / "missing.pt"))
+    # a plain state_dict of another architecture
+    torch.save(utils.build_model("small-cnn", 10).state_dict(), tmp_path / "cnn.pt")
+    line = one_line_error(run_script(script, tmp_path / "cnn.pt", "--arch", "resnet18", *CPU))
+    assert f"checkpoint {tmp_path / 'cnn.pt'} does not fit resnet18: " in line and "missing keys (conv1.weight" in line
+    # a checkpoint of this project whose weights belong to another architecture
+    foreign = utils.load_checkpoint(undefended / "final.pt")
+    foreign["model"] = utils.build_model("resnet18", 10).state_dict()
+    torch.save(foreign, tmp_path / "mixed.pt")
+    assert "does not fit small-cnn: " in one_line_error(run_script(script, tmp_path / "mixed.pt", *CPU))
+    # a folder without checkpoints
+    (tmp_path / "empty").mkdir()
+    assert "holds neither best.pt nor final.pt" in one_line_error(run_script(script, tmp_path / "empty"))
+
+
+def test_more_bad_input_in_process(tmp_path, undefended, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's one line, exit code 2
+        ev.main([str(undefended), "--attacks", "clean,fgsm"])
+    assert exit_.value.code == 2 and "argument --attacks: unknown 'fgsm'" in capsys.readouterr().err
+    with pytest.raises(utils.UserError, match="no results at"):
+        ev.main(["--table", str(tmp_path)])
+    with pytest.raises(utils.UserError, match="--aa-attacks needs --aa-version custom"):
+        ev.main([str(undefended), "--aa-attacks", "apgd-ce"])
+    whole = (undefended / "final.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(utils.UserError, match="not a readable checkpoint"):
+        ev.main([str(tmp_path / "half.pt"), *CPU])
+    with pytest.raises(utils.UserError, match="is a checkpoint of this project"):
+        ev.main([str(undefended / "best.pt"), "--arch", "small-cnn", *CPU])
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")
+    with pytest.raises(utils.UserError, match="holds no state_dict"):
+        ev.main([str(tmp_path / "nothing.pt"), "--arch", "resnet18", *CPU])
+    with pytest.raises(utils.UserError, match="has 10 outputs but imagefolder has 3 classes"):
+        images = tmp_path / "images"
+        for split in ("train", "test"):
+            for c in range(3):
+                (images / split / f"c{c}").mkdir(parents=True)
+                utils_png(images / split / f"c{c}" / "0.png")
+        ev.main([str(undefended / "final.pt"), "--dataset", "imagefolder", "--data-dir", str(images), *CPU])
+    with pytest.raises(utils.UserError, match="--n-examples 2000 but the test set holds 1000"):
+        ev.main([str(undefended / "final.pt"), "--n-examples", "2000", *CPU])
+
+
+def utils_png(path):
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(path)
+
+
+def test_script_runs_when_copied_alone_into_an_empty_folder(tmp_path, root, undefended):
+    for name in ("evaluate.py", "utils.py"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copy(undefended / "final.pt", tmp_path / "model.pt")
+    result = run_script(tmp_path / "evaluate.py", "model.pt", "--attacks", "clean", "--n-examples", "16", *CPU,
+                        cwd=tmp_path, )
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "model.eval.json").read_text())
+    assert [r["attack"] for r in saved["results"]] == ["clean"] and saved["results"][0]["n"] == 16
