@@ -1,0 +1,391 @@
+"""train_vit.py on a tiny timm ViT (2 blocks, width 32, 8x8 patches of 4x4 pixels) on CPU: ARD's hooks,
+PRM's masks, the 32x32 adaptation of pretrained weights, end-to-end runs read by evaluate.py, resume,
+bf16 autocast, torchrun, and the message when the weights cannot be downloaded."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_piat as tp
+import train_vit as tv
+import utils
+from conftest import run_script
+
+TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+TINY_VIT = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_KWARGS),
+            "--no-pretrained", "--train-size", "64", "--eval-size", "32", "--batch-size", "32", "--pgd-steps", "2",
+            "--eval-pgd-steps", "2", "--device", "cpu"]
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return utils.build_model("vit_tiny_patch16_224", 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), img_size=32,
+                             patch_size=4, **TINY_KWARGS)
+
+
+def batch(n=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return 0.25 + 0.5 * torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def input_grad(model, x, y):
+    x = x.clone().requires_grad_(True)
+    return torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)[0]
+
+
+def hook_count(model):
+    return sum(len(m._backward_pre_hooks) + len(m._backward_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def step_args(**overrides):
+    args = tv.parse_args(TINY_VIT + ["--epochs", "4", "--ard", "--prm", "--ap-warmup-epochs", "4"])
+    args.img_size = 32
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+# ------------------------------------------------------------------------------------------ ARD
+
+
+def test_ard_zeroes_the_attention_branch_gradient_and_removes_its_hooks():
+    model = tiny_vit().eval()
+    x, y = batch()
+    attns = tv.attention_modules(model)
+    assert len(attns) == 2 and hook_count(model) == 0
+    plain = input_grad(model, x, y)
+    with tv.attention_gradient_drop(model, 1.0) as hooks:
+        assert len(hooks) == 2
+        dropped = input_grad(model, x, y)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        # the attention parameters get nothing: their only path to the loss is the dropped branch
+        assert all(p.grad is None or not p.grad.any() for a in attns for p in a.parameters())
+        assert all(b.mlp.fc1.weight.grad.abs().sum() > 0 for b in model.net.blocks)
+    assert hook_count(model) == 0
+    # the reference: the same network with each attention output detached (same forward values)
+    handles = [a.register_forward_hook(lambda m, i, out: out.detach()) for a in attns]
+    reference = input_grad(model, x, y)
+    for h in handles:
+        h.remove()
+    assert not torch.allclose(dropped, plain, atol=1e-6)
+    torch.testing.assert_close(dropped, reference, rtol=1e-5, atol=1e-7)
+    with tv.attention_gradient_drop(model, 0.0) as hooks:  # after the warm-up: no hooks at all
+        assert hooks == []
+        torch.testing.assert_close(input_grad(model, x, y), plain)
+    with pytest.raises(RuntimeError), tv.attention_gradient_drop(model, 1.0):
+        raise RuntimeError("the attack failed")
+    assert hook_count(model) == 0  # removed even then
+
+
+def test_ard_drops_each_block_independently_with_probability_p(monkeypatch):
+    model = tiny_vit().eval()
+    x, y = batch()
+    draws = iter([0.2, 0.9])  # random.random() per block and backward pass: block 2 first (backward order)
+    monkeypatch.setattr(tv.random, "random", lambda: next(draws))
+    with tv.attention_gradient_drop(model, 0.5):
+        got = input_grad(model, x, y)
+    # block 2 (0.2 < 0.5) dropped, block 1 (0.9) kept
+    handle = model.net.blocks[1].attn.register_forward_hook(lambda m, i, out: out.detach())
+    reference = input_grad(model, x, y)
+    handle.remove()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_training_step_after_the_attack_has_complete_gradients(monkeypatch):
+    model = tiny_vit()
+    x, y = batch(16)
+    seen = []
+    real = tv.attention_gradient_drop
+    monkeypatch.setattr(tv, "attention_gradient_drop", lambda m, p: (seen.append(p), real(m, p))[1])
+    for loss in tv.LOSSES:
+        args = step_args(loss=loss)
+        model.zero_grad(set_to_none=True)
+        out, logits_adv, logits_clean = tv.training_loss(model, x, y, args, progress=0.5)
+        assert hook_count(model) == 0 and model.training
+        out.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (loss, name)
+    assert seen == [pytest.approx(1 - 0.5 / 4)] * len(tv.LOSSES)  # p(t) = 1 - t/warmup
+    assert tv.ap_strength(4.0, 4) == 0 == tv.ap_strength(7.5, 4) and tv.ap_strength(1, 4) == 0.75
+
+
+# ------------------------------------------------------------------------------------------ PRM
+
+
+def test_patch_mask_zeroes_whole_patches_in_the_right_number():
+    for fraction, expected in ((1.0, 64), (0.75, 48), (0.3, 19), (0.01, 0)):
+        mask = tv.patch_mask((32, 32), 4, fraction, "cpu")
+        if expected == 0:
+            assert mask is None
+            continue
+        patches = mask.view(8, 4, 8, 4).permute(0, 2, 1, 3).reshape(64, 16)
+        assert ((patches == 0).all(1) | (patches == 1).all(1)).all()  # whole patches only
+        assert int((patches[:, 0] == 0).sum()) == expected
+
+
+def test_prm_masks_delta_before_every_forward_and_keeps_it_in_the_ball(monkeypatch):
+    model = tiny_vit().eval()
+    x, y = batch()
+    inputs, masks = [], []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda inp: (inputs.append(inp.detach().clone()), real_forward(inp))[1])
+    real_mask = tv.patch_mask
+    monkeypatch.setattr(tv, "patch_mask", lambda *a: (masks.append(real_mask(*a)), masks[-1])[1])
+    args = step_args(loss="ce", pgd_steps=4, ard=False)
+    tv.training_loss(model, x, y, args, progress=1.0)  # fraction 1 - 1/4
+    assert len(inputs) == 6  # 4 attack steps, the clean forward, the training forward of x'
+    x_adv = inputs[-1]
+    assert len(masks) == 4 and len({tuple(m.flatten().tolist()) for m in masks}) == 4  # redrawn every step
+    eps = 8 / 255
+    for k, (inp, mask) in enumerate(zip(inputs[:4], masks)):
+        delta = inp - x
+        zero = (mask == 0).expand_as(delta)
+        assert int((mask.view(8, 4, 8, 4)[:, 0, :, 0] == 0).sum()) == 48
+        assert (delta[zero] == 0).all(), k  # exactly zero on the masked patches, for every image and channel
+        if k == 0:  # the uniform start is nonzero everywhere else
+            assert (delta[~zero] != 0).all()
+        assert delta.abs().max() <= eps + 1e-6 and inp.min() >= 0 and inp.max() <= 1
+    # the returned x' (its last update, not masked again, as Mo et al.) stays in the ball and in [0, 1]
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    # after the warm-up there is no mask
+    masks.clear()
+    tv.training_loss(model, x, y, args, progress=4.0)
+    assert masks == []
+
+
+# ------------------------------------------------------------------------------------------ shared definitions
+
+
+def test_losses_attack_and_interpolation_match_train_piat():
+    gen = torch.Generator().manual_seed(0)
+    adv, clean, y = torch.randn(16, 10, generator=gen), torch.randn(16, 10, generator=gen), torch.arange(16) % 10
+    assert torch.equal(tv.nmse_loss(adv, clean, y), tp.nmse_loss(adv, clean, y))
+    assert torch.equal(tv.trades_kl(adv, clean), tp.trades_kl(adv, clean))
+    assert torch.equal(tv.mart_loss(adv, clean, y, 6.0), tp.mart_loss(adv, clean, y, 6.0))
+    assert [tv.piat_alpha(t) for t in (0, 10, 100)] == [tp.piat_alpha(t) for t in (0, 10, 100)]
+    model = tiny_vit().eval()
+    x, yb = batch()
+    for loss, start in (("ce", "uniform"), ("kl", "normal")):
+        torch.manual_seed(1)
+        a = tv.pgd_attack(model, x, yb, 8 / 255, 2 / 255, 2, loss, start)
+        torch.manual_seed(1)
+        b = tp.pgd_attack(model, x, yb, 8 / 255, 2 / 255, 2, loss, start)
+        assert torch.equal(a, b)
+    other, prev = tiny_vit(1), tiny_vit(2).state_dict()
+    copy = tiny_vit(1)
+    tv.interpolate_(other, prev, 0.3)
+    tp.interpolate_(copy, prev, 0.3)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, copy.state_dict()[k])
+
+
+def test_lr_schedule_and_defaults():
+    args = tv.parse_args(["--no-pretrained"])
+    assert (args.epochs, args.lr, args.weight_decay, args.momentum, args.grad_clip, args.batch_size) == (
+        40, 0.1, 1e-4, 0.9, 1.0, 64)
+    assert args.lr_milestones == [36, 38] and args.ap_warmup_epochs == 10 and args.model == "vit_base_patch16_224"
+    assert tv.parse_args(["--epochs", "20"]).lr_milestones == [18.5, 19.5]
+    lrs = [tv.lr_at(t, 0.1, [36, 38]) for t in (0, 34.99, 35, 36.99, 37, 39.9)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])  # epochs 1-35, 36-37, 38-40
+    assert tv.parse_args([]).pretrained_weights == "vit_base_patch16_224.orig_in21k_ft_in1k"  # Mo et al.'s ViT-B
+    assert tv.parse_args(["--model", "convit_base"]).pretrained_weights == "convit_base.fb_in1k"
+
+
+# ------------------------------------------------------------------------------------------ 32x32 adaptation
+
+
+def test_pooled_patch_kernel_on_the_small_image_equals_the_original_on_the_upsampled_one():
+    gen = torch.Generator().manual_seed(0)
+    kernel = torch.randn(8, 3, 16, 16, generator=gen)  # any kernel: the image is constant on 4x4 blocks
+    small = torch.rand(2, 3, 32, 32, generator=gen)
+    big = small.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # 128x128
+    pooled = tv.pool_patch_kernel(kernel, 4)
+    assert pooled.shape == (8, 3, 4, 4)
+    torch.testing.assert_close(F.conv2d(small, pooled, stride=4), F.conv2d(big, kernel, stride=16), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pooled.sum(dim=(2, 3)), kernel.sum(dim=(2, 3)), rtol=1e-5, atol=1e-4)
+    odd = tv.pool_patch_kernel(kernel, 5)  # sizes that do not divide: split by overlap, the sum kept
+    assert odd.shape == (8, 3, 5, 5)
+    torch.testing.assert_close(odd.sum(dim=(2, 3)), kernel.sum(dim=(2, 3)), rtol=1e-5, atol=1e-4)
+    flat = tv.pool_patch_kernel(torch.ones(1, 1, 16, 16), 5)
+    torch.testing.assert_close(flat, torch.full((1, 1, 5, 5), 16 * 16 / 25))  # a flat kernel stays flat
+
+
+@pytest.mark.parametrize("name,kwargs,prefix,suffix", [
+    ("vit_tiny_patch16_224", TINY_KWARGS, 1, ".safetensors"),  # a class token in pos_embed (ViT, DeiT)
+    ("convit_tiny", {"depth": 2, "embed_dim": 8, "num_heads": 2, "local_up_to_layer": 1}, 0, ".pth"),  # none
+])
+def test_adapt_pretrained_state_of_a_224_model(tmp_path, name, kwargs, prefix, suffix):
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model(name, pretrained=False, **kwargs).state_dict()  # the "pretrained" 224x224 model
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(source, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in source.items()}, path)
+    loaded = tv.pretrained_state(name, kwargs, str(path))  # --pretrained-file goes through timm's loader
+    assert all(torch.equal(loaded[k], v) for k, v in source.items())
+    target = utils.build_model(name, 10, img_size=32, patch_size=4, **kwargs).net
+    own = {k: v.clone() for k, v in target.state_dict().items()}
+    adapted = tv.adapt_pretrained_state(loaded, target)
+    target.load_state_dict(adapted)  # strict: every key, every shape
+    assert source["pos_embed"].shape[1] == prefix + 196 and adapted["pos_embed"].shape[1] == prefix + 64
+    assert torch.equal(adapted["pos_embed"][:, :prefix], source["pos_embed"][:, :prefix])  # class token kept
+    grid = source["pos_embed"][0, prefix:].reshape(14, 14, -1).permute(2, 0, 1)[None]
+    expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).reshape(64, -1)
+    torch.testing.assert_close(adapted["pos_embed"][0, prefix:], expected)
+    torch.testing.assert_close(adapted["patch_embed.proj.weight"], tv.pool_patch_kernel(source["patch_embed.proj.weight"], 4))
+    for key in ("head.weight", "head.bias"):  # a new head, as the 32x32 model initialised it
+        assert torch.equal(adapted[key], own[key]) and source[key].shape[0] == 1000
+    for key, value in adapted.items():  # everything else copied unchanged
+        if key not in ("pos_embed", "patch_embed.proj.weight", "head.weight", "head.bias"):
+            assert torch.equal(value, source[key]), key
+    with torch.no_grad():
+        assert target(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(tmp_path, root):
+    out = tmp_path / "run"
+    tv.main([*TINY_VIT, "--epochs", "1", "--ard", "--prm", "--piat", "--out-dir", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == OUTPUTS
+    (row,) = utils.read_metrics(out / "metrics.csv")
+    assert list(row) == tv.METRIC_FIELDS == tp.METRIC_FIELDS
+    assert row["alpha"] == pytest.approx(0.1) and 0 <= row["test_pgd20_acc"] <= row["test_clean_acc"] <= 1
+    args = json.loads((out / "args.json").read_text())
+    assert args["ard"] and args["prm"] and args["piat"] and args["model_kwargs"] == TINY_KWARGS
+    final = utils.load_checkpoint(out / "final.pt")
+    assert final["script"] == "train_vit.py" and final["arch"] == "vit_tiny_patch16_224" and "resume" in final
+    assert final["model_kwargs"] == {"img_size": 32, "patch_size": 4, **TINY_KWARGS}
+    model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"], **final["model_kwargs"])
+    model.load_state_dict(final["model"])
+    data = utils.make_synthetic()
+    idx = utils.fixed_subset(len(data.x_test), 32)
+    with torch.no_grad():
+        clean = (model.eval()(utils.to_float(data.x_test[idx])).argmax(1) == data.y_test[idx]).float().mean().item()
+    assert clean == pytest.approx(row["test_clean_acc"], abs=1e-6)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if not (root / "evaluate.py").exists():
+        pytest.skip("evaluate.py is not there yet")
+    result = run_script(root / "evaluate.py", out, "--attacks", "clean,pgd20", "--n-examples", "16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "eval.json").read_text())["results"]
+    got = {(r["role"], r["attack"]): r["accuracy"] for r in results}
+    assert set(got) == {(role, attack) for role in ("best", "final") for attack in ("clean", "pgd20")}
+    assert all(0 <= got[(role, "pgd20")] <= got[(role, "clean")] <= 1 for role in ("best", "final"))
+
+
+def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch):
+    flags = [*TINY_VIT, "--epochs", "2", "--ard", "--prm", "--ap-warmup-epochs", "2", "--loss", "trades"]
+    whole = tmp_path / "whole"
+    tv.main([*flags, "--out-dir", str(whole)])
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args, **kwargs):
+        raise Crash
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(utils, "plot_curves", crash)  # dies after epoch 1's checkpoint and log row
+    with pytest.raises(Crash):
+        tv.main([*flags, "--out-dir", str(killed)])
+    monkeypatch.undo()
+    assert utils.load_checkpoint(killed / "final.pt")["epoch"] == 1
+    torch.manual_seed(123)  # resuming must not depend on the state of the process
+    tv.main(["--resume", str(killed)])
+    a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
+    assert b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [r["train_loss"] for r in utils.read_metrics(whole / "metrics.csv")] == \
+        [r["train_loss"] for r in utils.read_metrics(killed / "metrics.csv")]
+
+
+def test_amp_runs_the_attack_and_training_in_bf16_and_the_losses_in_fp32(tmp_path, monkeypatch):
+    seen = []
+    real = tv.training_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        loss, logits_adv, logits_clean = real(*args, **kwargs)
+        assert loss.dtype == logits_adv.dtype == torch.float32
+        return loss, logits_adv, logits_clean
+
+    monkeypatch.setattr(tv, "training_loss", spy)
+    out = tmp_path / "run"
+    tv.main([*TINY_VIT, "--epochs", "1", "--amp", "--ard", "--prm", "--loss", "nmse", "--out-dir", str(out)])
+    assert seen and set(seen) == {True}
+    row = utils.read_metrics(out / "metrics.csv")[0]
+    assert 0 < row["train_loss"] < 20 and utils.load_checkpoint(out / "final.pt")["args"]["amp"] is True
+
+
+def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", tv.__file__,
+               *TINY_VIT, "--epochs", "1", "--ard", "--prm", "--eval-size", "33", "--out-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("weights identical on all 2 ranks") == 1
+    assert sorted(p.name for p in out.iterdir()) == OUTPUTS
+    (row,) = utils.read_metrics(out / "metrics.csv")
+    assert abs(row["test_clean_acc"] * 33 - round(row["test_clean_acc"] * 33)) < 1e-3  # counts summed over ranks
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(result):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_no_network_gives_one_line_naming_the_way_out(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    result = run_script(tv.__file__, "--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+                        json.dumps(TINY_KWARGS), "--out-dir", tmp_path / "out", env=offline)
+    line = one_line_error(result)
+    assert "vit_tiny_patch16_224" in line and "could not be downloaded" in line
+    assert "--pretrained-file PATH" in line and "--no-pretrained" in line
+    assert not (tmp_path / "out").exists()  # nothing written, nothing trained from scratch
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "no_such_vit"], "timm has no model 'no_such_vit'"),
+    (["--patch-size", "5"], "--patch-size 5 does not divide --img-size 32"),
+    (["--model-kwargs", "{depth: 2}"], "--model-kwargs is not JSON"),
+    (["--pretrained-file", "missing.pth", "--pretrained"], "--pretrained-file missing.pth: no such file"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, flags, message):
+    argv = [*TINY_VIT, "--out-dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(utils.UserError, match=message.replace("(", r"\(")):
+        tv.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_runs_when_copied_alone_with_utils_into_an_empty_folder(tmp_path, root):
+    for name in ("train_vit.py", "utils.py"):
+        shutil.copy(root / name, tmp_path / name)
+    result = run_script(tmp_path / "train_vit.py", *TINY_VIT, "--epochs", "1", "--train-size", "32", "--prm",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("synthetic__train_vit__0__") and sorted(p.name for p in run_dir.iterdir()) == OUTPUTS

@@ -1,0 +1,776 @@
+"""Adversarial fine-tuning of ImageNet-pretrained vision transformers on 32x32 images, with A&P (ARD + PRM),
+PIAT and NMSE: the paper's Table IV (ConViT-B, ViT-B, DeiT-S x PGD-AT / TRADES / MART x A&P x PIAT).
+
+Liu, Yang, He & Hopcroft, "Parameter Interpolation Adversarial Training for Robust Image
+Classification", IEEE TIFS 2025 (arXiv 2511.00836), Sec. V-A, following Mo, Wu, Wang, Guo & Wang,
+"When Adversarial Training Meets Vision Transformers: Recipes from Training to Architecture",
+NeurIPS 2022 (official code: github.com/mo666666/When-Adversarial-Training-Meets-Vision-Transformers).
+
+    net <- timm ViT at --img-size 32, --patch-size 4 (8x8 tokens), weights of the 224x224 ImageNet model
+           adapted: 16x16 patch kernel sum-pooled to 4x4, 14x14 position grid bilinearly resized to 8x8
+    theta_prev <- theta_0
+    for epoch e = 0 .. E-1, for each batch (x, y), t = e + (step+1)/steps (fractional epoch):
+        p(t) <- max(0, 1 - t/warmup)                                         (A&P fades out, warm-up 10 of 40)
+        x' <- PGD-10(x, y), where at every step                            (model in eval mode)
+              PRM: delta is zeroed on int(p * #patches) random patches before the forward pass
+              ARD: each block's attention-branch gradient is zeroed with probability p in the backward pass
+        theta <- SGD step on the loss of x' (--loss), gradient norm clipped to 1; lr 0.1, /10 at 36 and 38
+        after the epoch (PIAT): theta <- alpha_t * theta_prev + (1 - alpha_t) * theta, theta_prev <- theta
+
+`--loss ce --no-piat` is PGD-AT; `--ard --prm` adds A&P; `--piat` (the default) adds PIAT.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import utils
+
+LOSSES = ("ce", "nmse", "trades", "mart")
+LAM_DEFAULTS = {"nmse": 4.0}
+# The ImageNet checkpoints Mo et al.'s code loads (timm 0.5.4 URLs), under their tags in timm >= 0.9:
+# ViT-B/16 is Google's original (ImageNet-21k pre-training, ImageNet-1k fine-tuning), DeiT-S and ConViT-B
+# are Facebook's ImageNet-1k models. Other timm names get timm's default tag; NAME.TAG picks another.
+PRETRAINED_TAGS = {"vit_base_patch16_224": "orig_in21k_ft_in1k", "deit_small_patch16_224": "fb_in1k",
+                   "convit_base": "fb_in1k"}
+PAPER_EPOCHS = 40  # the schedule below is the paper's for 40 epochs; other --epochs scale it
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
+    nonneg_int, nonneg_float = utils.non_negative(int), utils.non_negative(float)
+    pos_int = utils.positive(int)
+    g = p.add_argument_group("run")
+    g.add_argument("--exp-name", type=str, default=os.path.basename(__file__)[: -len(".py")],
+                   help="name used in the run folder (default: the script's name)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random number generator (default 0)")
+    g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--out-dir", type=str, default=None,
+                   help="run folder (default: runs/<dataset>__<exp-name>__<seed>__<unix time>)")
+    g.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
+                   help="continue the interrupted run in RUN_DIR from its final.pt, with the flags it was started with")
+    g = p.add_argument_group("speed (multi-GPU: torchrun --nproc_per_node=N train_vit.py ...)")
+    g.add_argument("--amp", action=utils.argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast for training and the training attack (default: on for CUDA, off on CPU); "
+                        "the per-epoch evaluation always runs in fp32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the attack runs compiled too, except while ARD's backward hooks "
+                        "are active: those attack steps run eagerly)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=str, default="cifar10", choices=utils.DATASETS,
+                   help="cifar10/cifar100/svhn are downloaded into --data-dir; imagefolder reads --data-dir/train and "
+                        "--data-dir/test; synthetic is a small learnable set made in memory")
+    g.add_argument("--data-dir", type=str, default="./data", help="where data sets are stored or downloaded")
+    g.add_argument("--image-size", type=pos_int, default=None, help="resize image-folder images to this size")
+    g.add_argument("--train-size", type=pos_int, default=None, help="train on a fixed subset of N images")
+    g.add_argument("--val-size", type=nonneg_int, default=0,
+                   help="hold out N training images and select best.pt on their PGD-20 accuracy instead of the test set's")
+    g.add_argument("--eval-size", type=pos_int, default=1000,
+                   help="evaluate after every epoch on a fixed subset of N test images (default 1000)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="turn off random crop (4-pixel padding) and horizontal flip (never used for SVHN)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, default="vit_base_patch16_224", metavar="NAME[.TAG]",
+                   help="any timm model name; the paper's are vit_base_patch16_224 (ViT-B, the default, as in Mo et "
+                        "al.'s code), deit_small_patch16_224 (DeiT-S) and convit_base (ConViT-B). A .TAG picks "
+                        "other pretrained weights (default: the checkpoints Mo et al. load, timm's default otherwise)")
+    g.add_argument("--pretrained", action=utils.argparse.BooleanOptionalAction, default=True,
+                   help="start from the ImageNet weights, downloaded from the Hugging Face hub by timm and adapted "
+                        "to --img-size/--patch-size (default: on); --no-pretrained trains from scratch")
+    g.add_argument("--pretrained-file", type=str, default=None, metavar="PATH",
+                   help="load the ImageNet weights from a local file instead (a .pth or .safetensors state_dict of "
+                        "the 224x224 model, as timm or the original authors publish it): for machines without network")
+    g.add_argument("--img-size", type=pos_int, default=None,
+                   help="input size of the network (default: the data's, 32 for CIFAR and SVHN; no resizing)")
+    g.add_argument("--patch-size", type=pos_int, default=4,
+                   help="patch size at --img-size (default 4: an 8x8 token grid on 32x32 images, as Mo et al.)")
+    g.add_argument("--model-kwargs", type=str, default="{}", metavar="JSON",
+                   help="further keyword arguments of timm.create_model, e.g. '{\"drop_path_rate\": 0.1}' or a tiny "
+                        "test model '{\"depth\": 2, \"embed_dim\": 32, \"num_heads\": 2}'")
+    g = p.add_argument_group("optimiser (Mo et al.'s settings, which the paper follows)")
+    g.add_argument("--epochs", type=pos_int, default=PAPER_EPOCHS, help="epochs (default 40, the paper's)")
+    g.add_argument("--batch-size", type=pos_int, default=64, help="training batch size (Mo et al.'s code: 64)")
+    g.add_argument("--eval-batch-size", type=pos_int, default=256,
+                   help="batch size of the per-epoch evaluation (default 256)")
+    g.add_argument("--lr", type=nonneg_float, default=0.1, help="initial learning rate of SGD (default 0.1)")
+    g.add_argument("--lr-milestones", type=nonneg_float, nargs="*", default=None, metavar="EPOCH",
+                   help="the lr is divided by 10 when each of these epochs begins, counted from 1 as in metrics.csv "
+                        "(default: 36 38, the paper's, scaled to --epochs as 1 + 35/40*E and 1 + 37/40*E; Mo et al.'s "
+                        "code divides at 36 and 39); it changes every step")
+    g.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="weight decay (default 1e-4)")
+    g.add_argument("--grad-clip", type=nonneg_float, default=1.0,
+                   help="clip the gradient's global L2 norm to this before every step (Mo et al.); 0: no clipping")
+    g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
+    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+                   help="L-inf radius of the training and evaluation attacks (default 8)")
+    g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size (default 2)")
+    g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack (default 10)")
+    g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20,
+                   help="PGD steps of the per-epoch evaluation (default 20)")
+    g = p.add_argument_group("A&P (Mo et al.): only while the training attack runs, fading out over the warm-up")
+    g.add_argument("--ard", action=utils.argparse.BooleanOptionalAction, default=False,
+                   help="attention random dropping: in each attack backward pass, every block's attention-branch "
+                        "gradient is zeroed with probability 1 - t/warmup (t: fractional epoch); default off")
+    g.add_argument("--prm", action=utils.argparse.BooleanOptionalAction, default=False,
+                   help="perturbation random masking: at every attack step, delta is zeroed on a random fraction "
+                        "1 - t/warmup of the patches (the same patches for the whole batch) before the forward pass; "
+                        "default off")
+    g.add_argument("--ap-warmup-epochs", type=nonneg_float, default=None,
+                   help="epochs over which ARD and PRM fade out (default: 10, Mo et al.'s n_w, scaled to --epochs "
+                        "as 10/40*E)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", type=str, default="ce", choices=LOSSES,
+                   help="default ce (Table IV combines PIAT with PGD-AT, TRADES and MART). ce: PGD-AT (Madry et al. "
+                        "2018); nmse: CE(f(x'),y) + lam*NMSE (this paper, Eq. 12); "
+                        "trades: CE(f(x),y) + beta*KL(p(x)||p(x')), x' maximises the KL (Zhang et al. 2019); "
+                        "mart: boosted BCE on x' + beta*KL*(1-p_y(x)) (Wang et al. 2020)")
+    g.add_argument("--lam", type=nonneg_float, default=None,
+                   help="weight of the NMSE term (default 4.0, reconstruction: the paper's value was lost in extraction)")
+    g.add_argument("--beta", type=nonneg_float, default=6.0, help="weight of the KL term of trades and mart (default 6)")
+    g = p.add_argument_group("PIAT: theta <- alpha*theta_prev + (1-alpha)*theta after every epoch")
+    g.add_argument("--piat", action=utils.argparse.BooleanOptionalAction, default=True,
+                   help="interpolate all floating-point weights after every epoch (on by default)")
+    g.add_argument("--alpha-max", type=nonneg_float, default=0.99,
+                   help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10)")
+    g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
+    g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
+    g.add_argument("--alpha-fixed", type=nonneg_float, default=None, help="a constant alpha instead (the paper's Fig. 9)")
+    args = p.parse_args(argv)
+    validate_and_fill(args)
+    return args
+
+
+def validate_and_fill(args):
+    """Defaults that depend on other flags, and the checks argparse cannot make; all before any work."""
+    if args.lam is None:
+        args.lam = LAM_DEFAULTS.get(args.loss, 0.0)
+    scale = args.epochs / PAPER_EPOCHS
+    if args.lr_milestones is None:
+        args.lr_milestones = [round(1 + 35 * scale, 6), round(1 + 37 * scale, 6)]
+    if args.ap_warmup_epochs is None:
+        args.ap_warmup_epochs = round(10 * scale, 6)
+    if args.alpha_fixed is not None and not args.alpha_fixed <= 1:
+        raise utils.UserError(f"--alpha-fixed must lie in [0, 1], got {args.alpha_fixed}")
+    if not args.alpha_max <= 1:
+        raise utils.UserError(f"--alpha-max must lie in [0, 1], got {args.alpha_max}")
+    if args.pretrained_file and not args.pretrained:
+        raise utils.UserError("--pretrained-file and --no-pretrained contradict each other; drop one")
+    try:
+        extra = json.loads(args.model_kwargs) if isinstance(args.model_kwargs, str) else args.model_kwargs
+    except json.JSONDecodeError as err:
+        raise utils.UserError(f"--model-kwargs is not JSON ({err}): e.g. '{{\"drop_path_rate\": 0.1}}'") from None
+    if not isinstance(extra, dict) or {"img_size", "patch_size", "num_classes"} & set(extra):
+        raise utils.UserError("--model-kwargs must be a JSON object without img_size, patch_size or num_classes "
+                              "(those have their own flags)")
+    args.model_kwargs = extra
+    import timm
+    from timm.models import split_model_name_tag
+
+    args.arch, tag = split_model_name_tag(args.model)
+    if not timm.is_model(args.arch):
+        raise utils.UserError(f"--model {args.model}: timm has no model {args.arch!r} (the paper's: "
+                              f"{', '.join(utils.VIT_ARCHS)})")
+    # the Table IV row label evaluate.py --table shows, e.g. "deit_small_patch16_224: PIAT + TRADES + A&P"
+    augment = {(True, True): " + A&P", (True, False): " + ARD", (False, True): " + PRM"}.get((args.ard, args.prm), "")
+    loss = {"ce": "PGD-AT", "nmse": "NMSE", "trades": "TRADES", "mart": "MART"}[args.loss]
+    args.method = f"{args.arch}: {'PIAT + ' if args.piat else ''}{loss}{augment}"
+    # what the network starts from, recorded in args.json
+    if not args.pretrained:
+        args.pretrained_weights = None
+    elif args.pretrained_file:
+        args.pretrained_weights = str(args.pretrained_file)
+    else:
+        tag = tag or PRETRAINED_TAGS.get(args.arch, "")
+        args.pretrained_weights = f"{args.arch}.{tag}" if tag else args.arch
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights and their adaptation to 32x32 inputs (Mo et al.'s checkpoint_filter_fn, our code)
+# ----------------------------------------------------------------------------------------------
+
+
+def pool_patch_kernel(weight, patch_size):
+    """The (O, I, P, P) patch-embedding kernel of the 224x224 model as an (O, I, p, p) kernel: each
+    (P/p) x (P/p) block is summed (Mo et al.). On an image whose (P/p) x (P/p) blocks are constant (the
+    small image up-sampled by P/p), the pooled kernel on the small image gives the original's output.
+    Sizes that do not divide (never the paper's 16 -> 4): each old kernel pixel is split between the new
+    cells it overlaps, in proportion to the overlap, so the kernel's sum is kept (Mo et al. resample with
+    nearest-neighbour interpolation there, which does not keep it)."""
+    o, i, h, w = weight.shape
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    if h % ph == 0 and w % pw == 0:
+        return weight.reshape(o, i, ph, h // ph, pw, w // pw).sum(dim=(3, 5))
+
+    def overlap(n_old, n_new):  # (n_new, n_old): how much of old pixel k falls into new cell a
+        edges = torch.arange(n_new + 1, dtype=torch.float64) * n_old / n_new
+        pixels = torch.arange(n_old + 1, dtype=torch.float64)
+        upper = torch.minimum(edges[1:, None], pixels[None, 1:])
+        return (upper - torch.maximum(edges[:-1, None], pixels[None, :-1])).clamp(min=0)
+
+    pooled = torch.einsum("ah,oihw,bw->oiab", overlap(h, ph), weight.double(), overlap(w, pw))
+    return pooled.to(weight.dtype)
+
+
+def resample_pos_embed(pos_embed, grid_size, num_prefix_tokens):
+    """(1, prefix + G*G, D) position embeddings -> (1, prefix + g_h*g_w, D): the prefix (class token)
+    entries are kept, the G x G grid is bilinearly interpolated (align_corners=False), as Mo et al."""
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(grid.shape[1])
+    if old * old != grid.shape[1]:
+        raise utils.UserError(f"pretrained position embeddings of {grid.shape[1]} grid tokens are not a square grid")
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_size[0] * grid_size[1], -1).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def adapt_pretrained_state(state, net):
+    """The 224x224 model's state_dict `state`, made to fit `net` (the same timm model at another image
+    and patch size): the patch kernel sum-pooled, the position grid resized (prefix tokens kept), the
+    classifier left as `net` initialised it (a new head for the new classes). Anything else that does
+    not fit is an error."""
+    target = net.state_dict()
+    grid = tuple(getattr(getattr(net, "patch_embed", None), "grid_size", None) or ())
+    classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier", "head")
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    out, problems = {}, []
+    for key, mine in target.items():
+        if any(key == h or key.startswith(h + ".") for h in heads):
+            out[key] = mine  # the new head
+            continue
+        if key not in state:
+            problems.append(f"{key} missing")
+            continue
+        value = state[key]
+        if value.shape != mine.shape:
+            if key.endswith("pos_embed") and grid and value.dim() == 3 and value.shape[2] == mine.shape[2]:
+                value = resample_pos_embed(value, grid, mine.shape[1] - grid[0] * grid[1])
+            elif value.dim() == 4 and value.shape[:2] == mine.shape[:2]:  # the patch embedding's convolution
+                value = pool_patch_kernel(value, mine.shape[2:])
+            else:
+                problems.append(f"{key} {tuple(value.shape)} vs {tuple(mine.shape)}")
+                continue
+        out[key] = value.to(mine.dtype)
+    if problems:
+        raise utils.UserError(f"the pretrained weights do not fit {type(net).__name__}: {'; '.join(problems[:3])}"
+                              f"{'; ...' if len(problems) > 3 else ''}")
+    return out
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def pretrained_state(name, model_kwargs, pretrained_file=None, verbose=False):
+    """The state_dict of timm model `name` (NAME or NAME.TAG) at its own 224x224 size with its ImageNet
+    weights: from the Hugging Face hub through timm, or from `pretrained_file`. One UserError when they
+    cannot be had."""
+    import timm
+
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise utils.UserError(f"--pretrained-file {path}: no such file")
+        try:
+            net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **model_kwargs)
+        except Exception as err:
+            raise utils.UserError(f"--pretrained-file {path} does not load into {name} (it must hold a state_dict "
+                                  f"of the 224x224 model, .pth or .safetensors): {_first_line(err)}") from None
+        return net.state_dict()
+    if not timm.models.is_model_pretrained(name):
+        raise utils.UserError(f"timm has no pretrained weights for {name}; pass --pretrained-file PATH or "
+                              "--no-pretrained")
+    if verbose:
+        print(f"loading the ImageNet weights of {name} (Hugging Face hub, through timm's cache)", flush=True)
+    hub_logger = logging.getLogger("huggingface_hub")  # its retry warnings would bury the one line below
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        net = timm.create_model(name, pretrained=True, **model_kwargs)
+    except Exception as err:  # offline, a proxy, a firewall, a partial download: one line for all
+        raise utils.UserError(f"the ImageNet weights of {name} could not be downloaded from the Hugging Face hub "
+                              f"({_first_line(err)}); without network, pass --pretrained-file PATH (a .pth or "
+                              ".safetensors state_dict of the 224x224 model) or --no-pretrained to train from "
+                              "scratch") from None
+    finally:
+        hub_logger.setLevel(level)
+    return net.state_dict()
+
+
+def build_network(args, data, verbose=False):
+    """The model (utils.build_model, so evaluate.py rebuilds it from the checkpoint) with the adapted
+    ImageNet weights when --pretrained. Returns (model, model_kwargs)."""
+    model_kwargs = {"img_size": args.img_size, "patch_size": args.patch_size, **args.model_kwargs}
+    try:
+        model = utils.build_model(args.arch, data.num_classes, data.mean, data.std, **model_kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        raise utils.UserError(f"timm cannot build {args.arch} with {model_kwargs}: {_first_line(err)}") from None
+    if args.pretrained and not args.resume:
+        state = pretrained_state(args.pretrained_weights if not args.pretrained_file else args.model,
+                                 args.model_kwargs, args.pretrained_file, verbose)
+        model.net.load_state_dict(adapt_pretrained_state(state, model.net))
+    return model, model_kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack (Eq. 3), with PRM's mask hook. Images live in [0, 1]; epsilon and step_size in [0, 1] units.
+# ----------------------------------------------------------------------------------------------
+
+
+def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start=True, delta_mask=None):
+    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x'-x||_inf <= epsilon, x' in [0,1].
+
+    loss: "ce" cross-entropy; "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y; "kl" TRADES's
+    KL(p(x) || p(x')) (y unused). random_start: True or "uniform" draws U(-eps, eps) (Madry et al.);
+    "normal" starts at 0.001*N(0, 1), as the official TRADES and MART code does; False starts at x.
+    delta_mask: None, or a function called at every step that returns a 0/1 mask broadcastable to x
+    (or None): delta is multiplied by it before the forward pass (PRM). As in Mo et al.'s code, the
+    final update is not masked again. The caller chooses the model's mode."""
+    x = x.detach()
+    if loss == "kl":
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+    if random_start is True or random_start == "uniform":
+        delta = torch.empty_like(x).uniform_(-epsilon, epsilon)
+    elif random_start == "normal":
+        delta = (0.001 * torch.randn_like(x)).clamp_(-epsilon, epsilon)
+    else:
+        delta = torch.zeros_like(x)
+    delta = (x + delta).clamp_(0, 1) - x
+    for _ in range(steps):
+        mask = delta_mask() if delta_mask is not None else None
+        if mask is not None:
+            delta = delta * mask
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        if loss == "ce":
+            objective = F.cross_entropy(logits, y, reduction="sum")
+        elif loss == "cw":
+            objective = cw_margin(logits, y).sum()
+        elif loss == "kl":
+            objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+        else:
+            raise ValueError(f"unknown attack loss {loss!r}")
+        (grad,) = torch.autograd.grad(objective, delta)
+        delta = (delta.detach() + step_size * grad.sign()).clamp_(-epsilon, epsilon)
+        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+    return (x + delta).detach()
+
+
+def cw_margin(logits, y):
+    """max_{j != y} f_j - f_y per example: positive exactly when x is misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - true
+
+
+# ----------------------------------------------------------------------------------------------
+# A&P (Mo et al.): attention random dropping and perturbation random masking, for the attack only
+# ----------------------------------------------------------------------------------------------
+
+
+def ap_strength(progress, warmup):
+    """1 - t/warmup for the fractional epoch t, 0 from the end of the warm-up on: ARD's probability of
+    dropping a block's attention gradient and PRM's fraction of masked patches (Mo et al.'s
+    drop_rate = t/n_w is the complement)."""
+    return 0.0 if warmup <= 0 else max(0.0, 1.0 - progress / warmup)
+
+
+def attention_modules(model):
+    """The attention module of every transformer block: timm's Blocks compute x + ...(attn(norm1(x)))
+    and x + ...(mlp(norm2(x))); the gradient through `attn` is the attention branch's."""
+    return [m.attn for m in model.modules() if isinstance(getattr(m, "attn", None), nn.Module) and hasattr(m, "mlp")]
+
+
+@contextlib.contextmanager
+def attention_gradient_drop(model, p):
+    """ARD: while inside, every backward pass through each block's attention module zeroes the gradient
+    of its output (so nothing flows into the attention branch; the residual path still carries it) with
+    probability p, drawn independently per block and pass. The hooks are removed on exit, whatever happens."""
+    handles = []
+
+    def drop(module, grad_output):
+        if random.random() < p:
+            return tuple(None if g is None else torch.zeros_like(g) for g in grad_output)
+        return None
+
+    try:
+        if p > 0:
+            for attn in attention_modules(model):
+                handles.append(attn.register_full_backward_pre_hook(drop))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def patch_mask(image_size, patch_size, fraction, device):
+    """PRM's mask: 1 everywhere except on int(fraction * #patches) random patch_size x patch_size patches,
+    the same for every image and channel, shape (1, 1, H, W); None when no patch is masked."""
+    h, w = image_size
+    gh, gw = h // patch_size, w // patch_size
+    n_masked = int(gh * gw * fraction)
+    if n_masked <= 0:
+        return None
+    keep = torch.ones(gh * gw, device=device)
+    keep[torch.randperm(gh * gw, device=device)[:n_masked]] = 0
+    return keep.view(1, 1, gh, gw).repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: the same definitions as train_piat.py's
+# ----------------------------------------------------------------------------------------------
+
+
+def nmse_loss(logits_adv, logits_clean, y):
+    """mean_i w_i * || f(x'_i)/||f(x'_i)|| - f(x_i)/||f(x_i)|| ||^2 with w_i = 1 - p_y(x_i) from the clean
+    logits (Eq. 11): vulnerable clean examples weigh more. The weight is not detached, as in MART."""
+    distance = (F.normalize(logits_adv, dim=1) - F.normalize(logits_clean, dim=1)).pow(2).sum(dim=1)
+    weight = 1 - F.softmax(logits_clean, dim=1).gather(1, y[:, None]).squeeze(1)
+    return (weight * distance).mean()
+
+
+def trades_kl(logits_adv, logits_clean):
+    """Batch-mean KL(p(x) || p(x')) summed over classes; gradients flow through both, as in TRADES."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+
+
+def mart_loss(logits_adv, logits_clean, y, beta):
+    """MART (Wang et al., ICLR 2020), its official form: CE(f(x'), y) - log(1.0001 - max_{j!=y} p_j(x'))
+    (the boosted BCE), plus beta * mean_i KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i))."""
+    p_adv = F.softmax(logits_adv, dim=1)
+    runner_up = cw_runner_up(p_adv, y)
+    boosted_bce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - runner_up + 1e-12).mean()
+    p_clean = F.softmax(logits_clean, dim=1)
+    kl = (p_clean * (torch.log(p_clean + 1e-12) - torch.log(p_adv + 1e-12))).sum(dim=1)
+    p_true = p_clean.gather(1, y[:, None]).squeeze(1)
+    return boosted_bce + beta * (kl * (1.0000001 - p_true)).mean()
+
+
+def cw_runner_up(probs, y):
+    """max_{j != y} p_j: the most likely wrong class's probability."""
+    return probs.masked_fill(F.one_hot(y, probs.shape[1]).bool(), float("-inf")).amax(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# PIAT (Eq. 9-10)
+# ----------------------------------------------------------------------------------------------
+
+
+def piat_alpha(epoch, alpha_max=0.99, a=1.0, b=10.0):
+    """alpha_t = min(alpha_max, (t + a) / (t + b)) (reconstruction of Eq. 10): 0.10 at t=0, 0.55 at
+    t=10, 0.92 at t=100 with the defaults: trust the new weights early, the accumulated ones late."""
+    return min(alpha_max, (epoch + a) / (epoch + b))
+
+
+@torch.no_grad()
+def interpolate_(model, prev_state, alpha):
+    """theta <- alpha * theta_prev + (1 - alpha) * theta, in place (Eq. 9), over every floating-point
+    parameter and buffer; integer buffers keep their current value."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            tensor.lerp_(prev_state[name].to(tensor.device, tensor.dtype), alpha)
+
+
+def clone_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step's loss, and the per-epoch evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def training_loss(model, x, y, args, progress, net=None, attacked=None):
+    """Generate x' with each loss's attack plus A&P at strength ap_strength(progress), then return
+    (loss, logits_adv, logits_clean). `model` is the plain module (ARD's hooks go on it); the attack
+    runs on `attacked` (the compiled model, when --compile) except while ARD's hooks are active, when it
+    runs on `model` itself; the training forward passes go through `net` (the DDP wrapper, if any)."""
+    net = model if net is None else net
+    attacked = model if attacked is None else attacked
+    eps, step = args.epsilon / 255, args.step_size / 255
+    strength = ap_strength(progress, args.ap_warmup_epochs)
+    p_drop = strength if args.ard else 0.0
+    delta_mask = None
+    if args.prm and strength > 0:
+        def delta_mask():
+            return patch_mask(x.shape[-2:], args.patch_size, strength, x.device)
+    needs_clean = args.loss in ("nmse", "trades", "mart")
+    model.eval()  # as Mo et al.: the attack sees the network in eval mode (dropout and drop-path off)
+    with attention_gradient_drop(model, p_drop) as hooks:
+        victim = model if hooks else attacked
+        if args.loss == "trades":
+            x_adv = pgd_attack(victim, x, y, eps, step, args.pgd_steps, "kl", "normal", delta_mask)
+        else:
+            start = "normal" if args.loss == "mart" else "uniform"
+            x_adv = pgd_attack(victim, x, y, eps, step, args.pgd_steps, "ce", start, delta_mask)
+    if not needs_clean:  # clean accuracy is still logged: one cheap forward in eval mode
+        with torch.no_grad():
+            logits_clean = attacked(x)
+    model.train()
+    if needs_clean:
+        logits_clean = net(x).float()  # the losses run in fp32 under --amp too
+    logits_adv = net(x_adv).float()
+    if args.loss == "ce":
+        loss = F.cross_entropy(logits_adv, y)
+    elif args.loss == "nmse":
+        loss = F.cross_entropy(logits_adv, y) + args.lam * nmse_loss(logits_adv, logits_clean, y)
+    elif args.loss == "trades":
+        loss = F.cross_entropy(logits_clean, y) + args.beta * trades_kl(logits_adv, logits_clean)
+    else:
+        loss = mart_loss(logits_adv, logits_clean, y, args.beta)
+    return loss, logits_adv, logits_clean
+
+
+def evaluate(model, x_all, y_all, epsilon, step_size, steps, batch_size, desc="eval", rank=0, world_size=1):
+    """Clean and PGD accuracy of uint8 images x_all (epsilon, step_size in [0, 1] units), in fp32, without
+    A&P. Under torchrun each rank attacks its share and the counts are summed."""
+    model.eval()
+    x_all, y_all = x_all[rank::world_size], y_all[rank::world_size]
+    counts = torch.zeros(3, device=x_all.device)  # clean correct, robust correct, images
+    for i in utils.progress(range(0, len(x_all), batch_size), desc=desc, disable=rank != 0 or None):
+        x, y = utils.to_float(x_all[i : i + batch_size]), y_all[i : i + batch_size]
+        with torch.no_grad():
+            counts[0] += (model(x).argmax(1) == y).sum()
+        x_adv = pgd_attack(model, x, y, epsilon, step_size, steps)
+        with torch.no_grad():
+            counts[1] += (model(x_adv).argmax(1) == y).sum()
+        counts[2] += len(y)
+    clean, robust, n = utils.all_reduce_sum_(counts).tolist()
+    return clean / max(n, 1), robust / max(n, 1)
+
+
+def lr_at(progress, lr, milestones):
+    """Mo et al.'s step schedule: lr, divided by 10 when each milestone epoch M begins (M counted from 1,
+    as the paper's "36th and 38th epochs": from progress M - 1 on). `progress` is in epochs and may be
+    fractional (the lr changes every step)."""
+    return lr * 0.1 ** sum(progress >= m - 1 for m in milestones)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+METRIC_FIELDS = ["epoch", "lr", "alpha", "train_loss", "train_clean_acc", "train_robust_acc", "test_clean_acc",
+                 "test_pgd20_acc", "val_clean_acc", "val_pgd20_acc", "epoch_seconds", "images_per_second"]
+
+
+def split_data(data, args, device):
+    """Fixed subsets (the same for every seed): validation images held out of training, training
+    subset, and the evaluation subset of the test set. Moved to `device` once, as uint8."""
+    order = utils.fixed_subset(len(data.x_train), None)
+    if args.val_size >= len(order):
+        raise utils.UserError(f"--val-size {args.val_size} leaves no training images (the set has {len(order)})")
+    val_idx, train_idx = order[: args.val_size], order[args.val_size :]
+    if args.train_size is not None:
+        train_idx = train_idx[: args.train_size]
+    test_idx = utils.fixed_subset(len(data.x_test), args.eval_size)
+    return {"train": (data.x_train[train_idx].to(device), data.y_train[train_idx].to(device)),
+            "val": (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device)),
+            "test": (data.x_test[test_idx].to(device), data.y_test[test_idx].to(device))}
+
+
+def check_sizes(args, data):
+    """--img-size (default: the data's) must be the data's size and a multiple of --patch-size."""
+    height, width = data.image_shape[1:]
+    if height != width:
+        raise utils.UserError(f"the {args.dataset} images are {height}x{width}; pass --image-size to make them square")
+    if args.img_size is None:
+        args.img_size = height
+    if args.img_size != height:
+        raise utils.UserError(f"--img-size {args.img_size} but the {args.dataset} images are {height}x{width}; "
+                              f"pass --img-size {height} (or --image-size {args.img_size} for an image folder)")
+    if args.img_size % args.patch_size:
+        raise utils.UserError(f"--patch-size {args.patch_size} does not divide --img-size {args.img_size}")
+
+
+def make_run_dir(args):
+    if args.out_dir is None:
+        args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.out_dir)
+    if (run_dir / "final.pt").exists():
+        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def checkpoint_dict(model, model_kwargs, data, args, metrics, epoch):
+    return {"model": model.state_dict(), "arch": args.arch, "model_kwargs": model_kwargs,
+            "num_classes": data.num_classes, "mean": data.mean, "std": data.std, "image_shape": data.image_shape,
+            "args": vars(args), "metrics": metrics, "epoch": epoch, "script": "train_vit.py"}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resume = None
+    if args.resume:  # the interrupted run's flags win, except where the data lives and where to run
+        resume = utils.load_checkpoint(Path(args.resume) / "final.pt")
+        if "resume" not in resume or resume.get("script") != "train_vit.py":
+            raise utils.UserError(f"{args.resume}/final.pt holds no train_vit.py training state to resume from")
+        saved = resume["args"]
+        saved.update(resume=args.resume, device=args.device, data_dir=args.data_dir, out_dir=args.resume)
+        args = utils.argparse.Namespace(**saved)
+    rank, world_size, device = utils.setup_distributed(args.device)
+    try:
+        return train(args, resume, rank, world_size, device)
+    finally:
+        utils.cleanup_distributed()
+
+
+def train(args, resume, rank, world_size, device):
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+    if args.batch_size % world_size:
+        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} processes")
+    utils.seed_everything(args.seed)  # the same initial weights (and new head) on every rank
+    is_main = rank == 0
+
+    data = utils.load_dataset(args.dataset, args.data_dir, args.image_size)
+    check_sizes(args, data)
+    split = split_data(data, args, device)
+    x_train, y_train = split["train"]
+    model, model_kwargs = build_network(args, data, verbose=is_main)
+    model = model.to(device)
+    if args.ard and not attention_modules(model):
+        raise utils.UserError(f"--ard: {args.arch} has no transformer blocks with an attention branch (attn, mlp)")
+    if world_size > 1:
+        utils.seed_everything(args.seed + rank)  # augmentation and attack noise differ between ranks
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    prev_state = clone_state(model)  # theta_prev starts as the initial (pretrained) weights
+    metrics, start_epoch = [], 0
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            raise utils.UserError(f"{args.resume}/final.pt does not fit a {args.arch}: {str(err).splitlines()[0]}") from None
+        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        prev_state = resume["resume"]["prev_state"]
+        metrics, start_epoch = resume["metrics"], resume["epoch"]
+        utils.restore_rng_states(resume["resume"]["rng"], rank)
+        run_dir = Path(args.resume)
+        if is_main:
+            print(f"resuming {run_dir} after epoch {start_epoch} of {args.epochs}")
+    elif is_main:
+        run_dir = make_run_dir(args)
+        utils.save_json(vars(args), run_dir / "args.json")
+    # the attack runs on the model itself, the training step through DDP; both may be compiled
+    attacked = net = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        net = torch.compile(net) if args.compile else net
+    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics) if is_main else None
+    select_on = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"
+    best = max((m[select_on] for m in metrics), default=-1.0)
+    eps, step = args.epsilon / 255, args.step_size / 255
+    # under torchrun every rank takes the same number of equal steps: drop the last partial batch
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size) if world_size == 1 else len(x_train) // args.batch_size
+    if is_main:
+        ap = "+".join(name for name, on in (("ARD", args.ard), ("PRM", args.prm)) if on) or "off"
+        print(f"{args.arch} ({args.img_size}x{args.img_size}, patch {args.patch_size}, "
+              f"{'from ' + args.pretrained_weights if args.pretrained_weights else 'from scratch'}) on {args.dataset}: "
+              f"{len(x_train)} training images, loss {args.loss}, A&P {ap} (warm-up {args.ap_warmup_epochs:g} epochs), "
+              f"PIAT {'on' if args.piat else 'off'}, {args.epochs} epochs on {world_size} x {device}"
+              f"{', bf16' if args.amp else ''}{', compiled' if args.compile else ''}; writing {run_dir}")
+
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        model.train()
+        totals = torch.zeros(4, device=device)  # loss sum, clean correct, robust correct, images
+        # one order per epoch, the same on every rank (and after --resume) without saving any state
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        order = order.to(device)
+        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or None):
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
+            x = x_train[idx]
+            x = utils.to_float(utils.augment(x, flip=data.flip) if args.augment else x)
+            y = y_train[idx]
+            lr = lr_at(epoch + i / steps_per_epoch, args.lr, args.lr_milestones)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                # A&P's strength at the end of this step, as Mo et al.'s t = epoch - 1 + (step + 1) / steps
+                loss, logits_adv, logits_clean = training_loss(model, x, y, args, epoch + (i + 1) / steps_per_epoch,
+                                                               net=net, attacked=attacked)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            # accumulated on the device: no host synchronisation inside the loop
+            totals[0] += loss.detach() * len(y)
+            totals[1] += (logits_clean.argmax(1) == y).sum()
+            totals[2] += (logits_adv.argmax(1) == y).sum()
+            totals[3] += len(y)
+        utils.all_reduce_sum_(totals)
+        utils.average_buffers_(model)  # floating-point buffers identical on every rank before interpolating
+        train_seconds = time.time() - start
+
+        # PIAT: interpolate with the previous epoch's interpolated weights (Eq. 9)
+        alpha = 0.0
+        if args.piat:
+            alpha = args.alpha_fixed
+            if alpha is None:
+                alpha = piat_alpha(epoch, args.alpha_max, args.alpha_a, args.alpha_b)
+            interpolate_(model, prev_state, alpha)
+            prev_state = clone_state(model)
+
+        loss_sum, clean_correct, robust_correct, seen = totals.tolist()
+        row = {"epoch": epoch + 1, "lr": lr, "alpha": alpha, "train_loss": loss_sum / seen,
+               "train_clean_acc": clean_correct / seen, "train_robust_acc": robust_correct / seen}
+        evaluation = dict(epsilon=eps, step_size=step, steps=args.eval_pgd_steps, batch_size=args.eval_batch_size,
+                          rank=rank, world_size=world_size)
+        row["test_clean_acc"], row["test_pgd20_acc"] = evaluate(attacked, *split["test"], desc="test", **evaluation)
+        if args.val_size:
+            row["val_clean_acc"], row["val_pgd20_acc"] = evaluate(attacked, *split["val"], desc="val", **evaluation)
+        row["epoch_seconds"] = time.time() - start
+        row["images_per_second"] = seen / train_seconds
+        metrics.append(row)
+        rng_states = utils.all_rng_states()  # every rank's, for --resume
+
+        if is_main:  # checkpoints first (atomically), then the log: a crash never leaves a row without its weights
+            checkpoint = checkpoint_dict(model, model_kwargs, data, args, metrics, epoch + 1)
+            if row[select_on] > best:
+                best = row[select_on]
+                utils.save_checkpoint(checkpoint, run_dir / "best.pt")
+            checkpoint["resume"] = {"optimizer": optimizer.state_dict(), "prev_state": prev_state,
+                                    "rng": rng_states}
+            utils.save_checkpoint(checkpoint, run_dir / "final.pt")
+            log.write(row)
+            ap = "".join(f" + {name}" for name, on in (("ARD", args.ard), ("PRM", args.prm)) if on)
+            utils.plot_curves(metrics, run_dir / "curves.png",
+                              title=f"{args.arch} {args.dataset} {args.loss}{ap}{' + PIAT' if args.piat else ''}")
+            print(f"epoch {epoch + 1:3d}  lr {lr:.5f}  alpha {alpha:.3f}  loss {row['train_loss']:.4f}  "
+                  f"train clean/robust {row['train_clean_acc']:.3f}/{row['train_robust_acc']:.3f}  "
+                  f"test clean/PGD-{args.eval_pgd_steps} {row['test_clean_acc']:.3f}/{row['test_pgd20_acc']:.3f}  "
+                  f"{row['epoch_seconds']:.1f}s", flush=True)
+
+    fingerprints = utils.gather_objects(utils.state_fingerprint(model))
+    if not is_main:
+        return None
+    log.close()
+    if world_size > 1:
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"the {world_size} ranks ended with different weights: {fingerprints}")
+        print(f"weights identical on all {world_size} ranks (sha256 {fingerprints[0][:16]})")
+    best_row = max(metrics, key=lambda m: m[select_on])
+    print(f"done: best {select_on} {best_row[select_on]:.4f} at epoch {best_row['epoch']}, "
+          f"final {metrics[-1][select_on]:.4f}; outputs in {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except utils.UserError as err:
+        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
