@@ -1,5 +1,6 @@
 """The speed paths on CPU: bf16 autocast on and off, and a 2-process gloo run under torchrun."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 
 import train_piat as tp
 import utils
-from conftest import TINY
+from conftest import TINY, run_script
 
 
 @pytest.mark.parametrize("amp", ["--amp", "--no-amp"])
@@ -64,3 +65,19 @@ def test_batch_must_divide_among_processes(monkeypatch):
     monkeypatch.setattr(utils, "setup_distributed", lambda device: (0, 3, torch.device("cpu")))
     with pytest.raises(utils.UserError, match="must divide among 3 processes"):
         tp.main([*TINY, "--epochs", "1", "--batch-size", "32"])
+
+
+def test_bench_train_runs_with_tiny_settings(tmp_path, root):
+    out = tmp_path / "bench.json"
+    result = run_script(root / "benchmarks" / "bench_train.py", "--arch", "small-cnn", "--batch-size", "16", "--warmup", "1",
+                        "--steps", "1", "--pgd-steps", "1", "--eval-images", "8", "--workers", "0", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "ratio ours / conventional:" in result.stdout and "evaluate.py PGD-20 (fp32):" in result.stdout
+    report = json.loads(out.read_text())
+    for variant in ("ours", "conventional", "eval-pgd20"):
+        assert report[variant]["images_per_second"] > 0 and report[variant]["peak_memory_mib"] > 0
+        assert report[variant]["forward_gflops_per_image"] == pytest.approx(report["ours"]["forward_gflops_per_image"])
+    assert report["ours"]["amp"] is False and report["conventional"]["amp"] is False  # fp32 on CPU by default
+    assert report["summary"]["ratio"] == pytest.approx(
+        report["ours"]["images_per_second"] / report["conventional"]["images_per_second"])
+    assert report["summary"]["forward_equivalents_per_image"] == 2 * 1 + 6

@@ -1,0 +1,252 @@
+"""Training throughput of train_piat.py against a conventional adversarial-training loop.
+
+Both run one PGD-10 PIAT+NMSE training step per batch on the same model, batch and machine:
+- "ours": train_piat.py's own step: images held on the device as uint8 and augmented there,
+  the attack taking gradients with respect to the input only, bf16 autocast (--amp, default on
+  CUDA), channels_last on CUDA, optionally torch.compile;
+- "conventional": what most public adversarial-training code does: a DataLoader with torchvision
+  transforms on PIL images, fp32, and an attack that calls loss.backward() at every step (so it
+  also computes weight gradients it throws away).
+Each variant runs in its own child process, so peak memory is measured per variant (CUDA:
+max_memory_allocated; CPU: the child's peak resident set). The parent prints a table and the
+ratio, and times evaluate.py's PGD-20 per image as well.
+
+    python benchmarks/bench_train.py --arch resnet18 --batch-size 128 --device cuda
+    python benchmarks/bench_train.py --arch small-cnn --batch-size 64 --warmup 2 --steps 5   # CPU
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train_piat.py, evaluate.py and utils.py live one folder up
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import train_piat  # noqa: E402
+import utils  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=str, default="resnet18", choices=utils.ARCHS, help="network")
+    p.add_argument("--batch-size", type=utils.positive(int), default=128, help="training batch size")
+    p.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--warmup", type=utils.non_negative(int), default=10, help="untimed steps first (compilation, cudnn autotune)")
+    p.add_argument("--steps", type=utils.positive(int), default=30, help="timed steps")
+    p.add_argument("--pgd-steps", type=utils.non_negative(int), default=10, help="steps of the training attack")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast in our step (default: on for CUDA, off on CPU); the conventional loop is fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
+    p.add_argument("--workers", type=utils.non_negative(int), default=2, help="DataLoader workers of the conventional loop")
+    p.add_argument("--eval-images", type=utils.positive(int), default=256, help="images for timing evaluate.py's PGD-20")
+    p.add_argument("--peak-tflops", type=utils.positive(float), default=989.0,
+                   help="the device's dense bf16 peak in TFLOP/s, for the achieved fraction (H100/H200 SXM: 989)")
+    p.add_argument("--out", type=str, default=None, help="also write the results as JSON here")
+    p.add_argument("--variant", type=str, default=None, choices=["ours", "conventional", "eval-pgd20"],
+                   help="internal: measure one variant in this process and print its JSON")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two training steps
+# ----------------------------------------------------------------------------------------------
+
+
+def ours(args, device, model, data):
+    """train_piat.py's batch loop body, called through its own functions."""
+    train_args = train_piat.parse_args(["--arch", args.arch, "--loss", "nmse", "--pgd-steps", str(args.pgd_steps)])
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    attacked = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    order = torch.randperm(len(x_train), device=device)
+
+    def step(i):
+        idx = order[(i * args.batch_size) % len(x_train):][: args.batch_size]
+        x = utils.to_float(utils.augment(x_train[idx], flip=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _, _ = train_piat.training_loss(attacked, x, y_train[idx], train_args, epoch=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, {"amp": amp, "compile": args.compile, "channels_last": device.type == "cuda"}
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The usual torchvision pipeline: uint8 HWC arrays -> PIL -> RandomCrop + Flip -> ToTensor."""
+
+    def __init__(self, x_uint8, y):
+        from torchvision import transforms
+
+        self.images = x_uint8.permute(0, 2, 3, 1).numpy()
+        self.labels = y.tolist()
+        self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                             transforms.ToTensor()])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def conventional(args, device, model, data):
+    """A conventional PGD-AT + NMSE loop (DataLoader, fp32, attack through loss.backward())."""
+    loader = torch.utils.data.DataLoader(PILImages(data.x_train, data.y_train), batch_size=args.batch_size,
+                                         shuffle=True, num_workers=args.workers, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+    eps, alpha = 8 / 255, 2 / 255
+    batches = iter(())
+
+    def step(i):
+        nonlocal batches
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        model.eval()
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+        for _ in range(args.pgd_steps):
+            loss = F.cross_entropy(model(x + delta), y)
+            loss.backward()
+            delta.data = ((x + (delta + alpha * delta.grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x)
+            delta.grad.zero_()
+        model.train()
+        logits_clean, logits_adv = model(x), model(x + delta.detach())
+        loss = F.cross_entropy(logits_adv, y) + 4.0 * train_piat.nmse_loss(logits_adv, logits_clean, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step, {"amp": False, "compile": False, "channels_last": False, "workers": args.workers}
+
+
+def eval_pgd20(args, device, model, data):
+    """evaluate.py's PGD-20 (fp32, eval mode), per image."""
+    import evaluate
+
+    model.eval()
+    x, y = utils.to_float(data.x_test[: args.eval_images]).to(device), data.y_test[: args.eval_images].to(device)
+
+    def step(i):
+        evaluate.pgd_attack(model, x, y, 8 / 255, 2 / 255, 20)
+
+    return step, {"images": len(x)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_flops(model, device):
+    """FLOPs of one forward pass of one 32x32 image (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.rand(1, 3, 32, 32, device=device))
+    return counter.get_total_flops()
+
+
+def measure(args):
+    device = utils.pick_device(args.device)
+    utils.seed_everything(0)
+    n_images = max(args.batch_size * 4, args.eval_images)
+    data = utils.make_synthetic(train_size=n_images, test_size=args.eval_images)
+    model = utils.build_model(args.arch, data.num_classes, data.mean, data.std).to(device)
+    flops = forward_flops(model, device)
+    build = {"ours": ours, "conventional": conventional, "eval-pgd20": eval_pgd20}[args.variant]
+    step, settings = build(args, device, model, data)
+    for i in range(args.warmup):
+        step(i)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    images = args.steps * (args.eval_images if args.variant == "eval-pgd20" else args.batch_size)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": args.variant, "device": str(device), "device_name": device_name(device), "arch": args.arch,
+            "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds, "images_per_second": images / seconds,
+            "ms_per_image": 1000 * seconds / images, "peak_memory_mib": peak / 2**20,
+            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+            "forward_gflops_per_image": flops / 1e9, **settings}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def run_child(args, argv, variant):
+    result = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench_train.py: the {variant} measurement failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.variant:
+        print(json.dumps(measure(args)))
+        return None
+    results = {v: run_child(args, argv, v) for v in ("ours", "conventional", "eval-pgd20")}
+    ours_r, conv_r, eval_r = results["ours"], results["conventional"], results["eval-pgd20"]
+    ratio = ours_r["images_per_second"] / conv_r["images_per_second"]
+    # PGD-k AT: k attack steps of forward + input-gradient backward (~2 forward-equivalents each) and
+    # a training step of forward + full backward (~3) on x', plus the same again on x for NMSE
+    equivalents = 2 * args.pgd_steps + 3 + 3
+    tflops = ours_r["images_per_second"] * equivalents * ours_r["forward_gflops_per_image"] / 1e3
+    summary = {"ratio": ratio, "forward_equivalents_per_image": equivalents, "achieved_tflops": tflops,
+               "fraction_of_peak": tflops / args.peak_tflops if ours_r["device"].startswith("cuda") else None}
+    print(f"{args.arch}, batch {args.batch_size}, PGD-{args.pgd_steps} PIAT+NMSE step, {ours_r['device_name']}")
+    print(f"{'variant':<14}{'images/s':>10}{'ms/image':>10}{'peak MiB':>10}  settings")
+    for r in (ours_r, conv_r):
+        flags = ", ".join(f"{k}={r[k]}" for k in ("amp", "compile", "channels_last", "workers") if k in r)
+        print(f"{r['variant']:<14}{r['images_per_second']:>10.1f}{r['ms_per_image']:>10.2f}{r['peak_memory_mib']:>10.0f}  {flags}")
+    print(f"ratio ours / conventional: {ratio:.2f}x")
+    print(f"evaluate.py PGD-20 (fp32): {eval_r['ms_per_image']:.2f} ms per image ({eval_r['images_per_second']:.1f} images/s)")
+    print(f"model forward: {ours_r['forward_gflops_per_image']:.3f} GFLOP per image; ours achieves {tflops:.2f} TFLOP/s "
+          f"counting {equivalents} forward-equivalents per image"
+          + (f" = {100 * summary['fraction_of_peak']:.1f}% of {args.peak_tflops:.0f} TFLOP/s" if summary["fraction_of_peak"] else ""))
+    if args.out:
+        utils.save_json({**results, "summary": summary, "command": " ".join([Path(__file__).name, *argv])}, args.out)
+    return {**results, "summary": summary}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except utils.UserError as err:
+        sys.exit(f"bench_train.py: error: {err}")
