@@ -412,8 +412,7 @@ def train(args, resume, rank, world_size, device):
         optimizer.load_state_dict(resume["resume"]["optimizer"])
         prev_state = resume["resume"]["prev_state"]
         metrics, start_epoch = resume["metrics"], resume["epoch"]
-        rng_states = resume["resume"]["rng"]
-        utils.set_rng_state(rng_states[rank] if isinstance(rng_states, list) else rng_states)
+        utils.restore_rng_states(resume["resume"]["rng"], rank)
         run_dir = Path(args.resume)
         if is_main:
             print(f"resuming {run_dir} after epoch {start_epoch} of {args.epochs}")
@@ -429,7 +428,6 @@ def train(args, resume, rank, world_size, device):
     select_on = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"
     best = max((m[select_on] for m in metrics), default=-1.0)
     eps, step = args.epsilon / 255, args.step_size / 255
-    local_batch = args.batch_size // world_size
     # under torchrun every rank takes the same number of equal steps: drop the last partial batch
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size) if world_size == 1 else len(x_train) // args.batch_size
     if is_main:
@@ -486,15 +484,14 @@ def train(args, resume, rank, world_size, device):
         row["epoch_seconds"] = time.time() - start
         row["images_per_second"] = seen / train_seconds
         metrics.append(row)
-        rng_states = utils.gather_objects(utils.rng_state())  # every rank's, for --resume
+        rng_states = utils.all_rng_states()  # every rank's, for --resume
 
         if is_main:  # checkpoints first (atomically), then the log: a crash never leaves a row without its weights
             checkpoint = checkpoint_dict(model, data, args, metrics, epoch + 1)
             if row[select_on] > best:
                 best = row[select_on]
                 utils.save_checkpoint(checkpoint, run_dir / "best.pt")
-            checkpoint["resume"] = {"optimizer": optimizer.state_dict(), "prev_state": prev_state,
-                                    "rng": rng_states if world_size > 1 else rng_states[0]}
+            checkpoint["resume"] = {"optimizer": optimizer.state_dict(), "prev_state": prev_state, "rng": rng_states}
             utils.save_checkpoint(checkpoint, run_dir / "final.pt")
             log.write(row)
             utils.plot_curves(metrics, run_dir / "curves.png",

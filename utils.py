@@ -134,8 +134,11 @@ def state_fingerprint(model):
 
 
 def rng_state():
-    """Every random-number generator a run draws from, for exact resumption."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random-number generators, for exact resumption. numpy's key is kept as a list
+    of ints so that checkpoints load with torch.load(weights_only=True)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -143,10 +146,21 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states():
+    """Every rank's rng_state() (a list of one in a plain run): a checkpoint keeps them all."""
+    return gather_objects(rng_state())
+
+
+def restore_rng_states(states, rank):
+    """Undo all_rng_states() on this rank (a run resumed on fewer processes takes rank 0's)."""
+    set_rng_state(states[rank] if rank < len(states) else states[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +355,8 @@ def to_float(x_uint8):
 # ----------------------------------------------------------------------------------------------
 
 ARCHS = ("resnet18", "wrn-32-10", "small-cnn")
+# The vision transformers of the paper's Table IV (train_vit.py); build_model takes any timm name.
+VIT_ARCHS = ("vit_base_patch16_224", "deit_small_patch16_224", "convit_base")
 
 
 class Normalize(nn.Module):
@@ -473,14 +489,35 @@ class SmallCNN(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class NormalizedNet(nn.Module):
+    """A timm network behind the input normalisation: state_dict keys are net.<timm key>."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
+
+
 def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **model_kwargs):
     """The network `arch` with its input normalisation built in; mean=0, std=1 gives a model that
     takes its input as it comes (for foreign checkpoints). `model_kwargs` are what a checkpoint's
-    "model_kwargs" holds (none for the CNNs)."""
+    "model_kwargs" holds (none for the CNNs; for a timm name, e.g. {"img_size": 32, "patch_size": 4},
+    passed to timm.create_model, randomly initialised)."""
     cnns = {"resnet18": ResNet18, "wrn-32-10": WideResNet, "small-cnn": SmallCNN}
     if arch in cnns:
         return cnns[arch](num_classes, mean=mean, std=std, **model_kwargs)
-    raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    try:
+        import timm  # only the vision transformers need it
+    except ImportError:
+        raise UserError(f"{arch!r} is not one of {', '.join(ARCHS)}, and timm (for {', '.join(VIT_ARCHS)} and other "
+                        "timm models) is not installed: pip install timm") from None
+    if not timm.is_model(arch):
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} or a timm model name "
+                        f"(e.g. {', '.join(VIT_ARCHS)})")
+    return NormalizedNet(timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_kwargs), mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,9 +525,9 @@ def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path, write):
-    """Write through a temporary file in the same folder and rename it over `path`: a crash leaves
-    either the old file or the new one, never half of one."""
+def atomic_write(path, write):
+    """Call write(binary file) on a temporary file in the same folder, then rename it over `path`: a
+    crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -498,6 +535,9 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -506,11 +546,11 @@ def _atomic_write(path, write):
 
 
 def save_json(obj, path):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
 def save_checkpoint(checkpoint, path):
-    _atomic_write(path, lambda f: torch.save(checkpoint, f))
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "args", "metrics", "epoch")
@@ -523,7 +563,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # never runs pickled code
     except Exception as err:
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): {err}") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
@@ -587,9 +627,11 @@ def plot_curves(metrics, path, title=""):
     ax_loss.set(xlabel="epoch", ylabel="train loss")
     ax_alpha = ax_loss.twinx()
     ax_alpha.plot(epochs, [m["alpha"] for m in metrics], "C3:", marker=".", label="alpha (PIAT)")
-    ax_alpha.set(ylabel="alpha", ylim=(-0.05, 1.05))
+    if metrics and "beta" in metrics[0]:  # train_rdat.py's mixing weight of the robust learner
+        ax_alpha.plot(epochs, [m["beta"] for m in metrics], "C4:", marker=".", label="beta (RDAT)")
+    ax_alpha.set(ylabel="alpha, beta" if metrics and "beta" in metrics[0] else "alpha", ylim=(-0.05, 1.05))
     ax_loss.legend(loc="upper left")
     ax_alpha.legend(loc="upper right")
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
