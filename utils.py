@@ -565,7 +565,11 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # never runs pickled code
     except Exception as err:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): {err}") from None
+        if "Weights only load failed" in str(err):
+            raise UserError(f"{path} pickles Python objects, which this project's checkpoints never do: not one of "
+                            "ours (for another project's state_dict use evaluate.py --arch)") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file?): {reason}") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint of this project (expected a dict with keys "
                         f"{', '.join(CHECKPOINT_KEYS)}); for a plain state_dict use evaluate.py --arch")

@@ -29,3 +29,32 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
     full_env = dict(os.environ, TQDM_DISABLE="1", **(env or {}))
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result, prog=None):
+    """The single stderr line of a script that refused its input (non-zero exit, nothing else printed)."""
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    if prog:
+        assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    return lines[0]
+
+
+def kill_after_first_checkpoint(script, args, run_dir, timeout=300):
+    """Start a training script as a user would, SIGKILL it as soon as its first final.pt exists (in
+    the middle of a later epoch), and return the number of epochs that checkpoint holds."""
+    import signal
+    import subprocess
+    import time
+
+    import utils
+
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, args), "--out-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (run_dir / "final.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return utils.load_checkpoint(run_dir / "final.pt")["epoch"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import evaluate as ev
 import train_piat
 import utils
-from conftest import TINY, run_script
+from conftest import TINY, one_line_error, run_script
 
 CPU = ["--device", "cpu"]
 
@@ -171,6 +171,23 @@ def test_train_piat_run_folder_rebuilds_its_model_and_data(tmp_path):
     assert (run / "eval.json").is_file()
 
 
+def test_identical_best_and_final_are_measured_once(tmp_path, monkeypatch):
+    """When best.pt is the final epoch, its weights equal final.pt's: each number is computed once and
+    recorded for both, exactly (the seed is reset before every measurement)."""
+    run = tmp_path / "run"
+    train_piat.main([*TINY, "--epochs", "1", "--out-dir", str(run)])  # one epoch: best = final
+    calls = []
+    real = ev.attack_accuracy
+    monkeypatch.setattr(ev, "attack_accuracy", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    rows = rows_by(ev.main([str(run), "--attacks", "clean,pgd20", "--n-examples", "32", *CPU])["rows"], "role", "attack")
+    assert calls == ["clean", "pgd20"]
+    for attack in ("clean", "pgd20"):
+        assert rows["final", attack]["accuracy"] == rows["best", attack]["accuracy"]
+        assert rows["final", attack]["same_weights_as"] == str(run / "best.pt")
+    alone = ev.main([str(run / "final.pt"), "--attacks", "pgd20", "--n-examples", "32", *CPU])["rows"]
+    assert alone[0]["correct"] == rows["final", "pgd20"]["correct"]  # what measuring final.pt itself gives
+
+
 def test_foreign_resnet18_state_dicts_load_in_every_wrapping(tmp_path):
     """The CIFAR ResNet-18 layout of TRADES, MART and AutoAttack's example: bare, under "state_dict"
     with DataParallel's "module." prefixes, under "net", and beside other entries under "model"."""
@@ -294,30 +311,22 @@ def test_landscape_on_a_tiny_model(undefended, tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def one_line_error(result):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("evaluate.py: error: ")
-    return lines[0]
-
-
 def test_bad_input_gets_one_line(tmp_path, undefended):
     script = Path(ev.__file__)
     # a missing file
-    assert "no checkpoint or run folder at" in one_line_error(run_script(script, tmp_path / "missing.pt"))
+    assert "no checkpoint or run folder at" in one_line_error(run_script(script, tmp_path / "missing.pt"), "evaluate.py")
     # a plain state_dict of another architecture
     torch.save(utils.build_model("small-cnn", 10).state_dict(), tmp_path / "cnn.pt")
-    line = one_line_error(run_script(script, tmp_path / "cnn.pt", "--arch", "resnet18", *CPU))
+    line = one_line_error(run_script(script, tmp_path / "cnn.pt", "--arch", "resnet18", *CPU), "evaluate.py")
     assert f"checkpoint {tmp_path / 'cnn.pt'} does not fit resnet18: " in line and "missing keys (conv1.weight" in line
     # a checkpoint of this project whose weights belong to another architecture
     foreign = utils.load_checkpoint(undefended / "final.pt")
     foreign["model"] = utils.build_model("resnet18", 10).state_dict()
     torch.save(foreign, tmp_path / "mixed.pt")
-    assert "does not fit small-cnn: " in one_line_error(run_script(script, tmp_path / "mixed.pt", *CPU))
+    assert "does not fit small-cnn: " in one_line_error(run_script(script, tmp_path / "mixed.pt", *CPU), "evaluate.py")
     # a folder without checkpoints
     (tmp_path / "empty").mkdir()
-    assert "holds neither best.pt nor final.pt" in one_line_error(run_script(script, tmp_path / "empty"))
+    assert "holds neither best.pt nor final.pt" in one_line_error(run_script(script, tmp_path / "empty"), "evaluate.py")
 
 
 def test_more_bad_input_in_process(tmp_path, undefended, capsys):

@@ -5,10 +5,8 @@ redistribution, --lam 0, --piat, resume after SIGKILL, evaluate.py, torchrun, ba
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch.nn.functional as F
 
 import train_rdat as tr
 import utils
-from conftest import TINY, run_script
+from conftest import TINY, kill_after_first_checkpoint, run_script
 
 OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
 
@@ -265,14 +263,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     whole = tmp_path / "whole"
     tr.main([*RESUME_RUN, "--out-dir", str(whole)])
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(tr.__file__), *RESUME_RUN, "--out-dir", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "final.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_after = utils.load_checkpoint(killed / "final.pt")["epoch"]
+    stopped_after = kill_after_first_checkpoint(tr.__file__, RESUME_RUN, killed)
     assert stopped_after < 4, "the run finished before it could be killed; make RESUME_RUN longer"
     result = run_script(tr.__file__, "--resume", killed)
     assert result.returncode == 0, result.stderr

@@ -3,17 +3,13 @@ bad input, and the copy test."""
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import train_piat as tp
 import utils
-from conftest import TINY, run_script
+from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 
 def run(tmp_path, *extra, name="run"):
@@ -131,14 +127,7 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     whole = tmp_path / "whole"
     tp.main([*RESUME_RUN, "--out-dir", str(whole)])
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(tp.__file__), *RESUME_RUN, "--out-dir", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "final.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_after = utils.load_checkpoint(killed / "final.pt")["epoch"]
+    stopped_after = kill_after_first_checkpoint(tp.__file__, RESUME_RUN, killed)
     assert stopped_after < 4, "the run finished before it could be killed; make RESUME_RUN longer"
     assert len(utils.read_metrics(killed / "metrics.csv")) <= stopped_after + 1
     result = run_script(tp.__file__, "--resume", killed)
@@ -156,13 +145,6 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-
-
-def one_line_error(result):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import train_piat as tp
 import train_vit as tv
 import utils
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 TINY_VIT = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_KWARGS),
@@ -348,13 +348,6 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-
-
-def one_line_error(result):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_no_network_gives_one_line_naming_the_way_out(tmp_path):
