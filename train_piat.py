@@ -65,7 +65,8 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=pos_int, default=None, help="resize image-folder images to this size")
     g.add_argument("--train-size", type=pos_int, default=None, help="train on a fixed subset of N images")
     g.add_argument("--val-size", type=nonneg_int, default=0,
-                   help="hold out N training images and select best.pt on their PGD-20 accuracy instead of the test set's")
+                   help="hold out N training images and select best.pt on their PGD-20 accuracy instead of the "
+                        "test set's")
     g.add_argument("--eval-size", type=pos_int, default=1000,
                    help="evaluate after every epoch on a fixed subset of N test images")
     g.add_argument("--no-augment", dest="augment", action="store_false",
@@ -83,7 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=nonneg_float, default=None,
                    help="weight decay (default: 3.5e-3 resnet18, 7e-4 wrn-32-10, 5e-4 small-cnn)")
     g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0, help="L-inf radius of the training and evaluation attacks")
+    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+                   help="L-inf radius of the training and evaluation attacks")
     g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size")
     g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack")
     g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20, help="PGD steps of the per-epoch evaluation")
@@ -111,7 +113,8 @@ def parse_args(argv=None):
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10)")
     g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
     g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None, help="a constant alpha instead (the paper's Fig. 9)")
+    g.add_argument("--alpha-fixed", type=nonneg_float, default=None,
+                   help="a constant alpha instead (the paper's Fig. 9)")
     args = p.parse_args(argv)
     validate_and_fill(args)
     return args
@@ -353,7 +356,8 @@ def make_run_dir(args):
         args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.out_dir)
     if (run_dir / "final.pt").exists():
-        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -385,7 +389,8 @@ def train(args, resume, rank, world_size, device):
     if args.amp is None:
         args.amp = device.type == "cuda"
     if args.batch_size % world_size:
-        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} processes")
+        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among "
+                              f"{world_size} processes")
     if args.sync_bn and device.type != "cuda":
         raise utils.UserError("--sync-bn needs one CUDA device per process")
     utils.seed_everything(args.seed)  # the same initial weights on every rank
@@ -408,7 +413,8 @@ def train(args, resume, rank, world_size, device):
         try:
             model.load_state_dict(resume["model"])
         except RuntimeError as err:
-            raise utils.UserError(f"{args.resume}/final.pt does not fit a {args.arch}: {str(err).splitlines()[0]}") from None
+            reason = str(err).splitlines()[0]
+            raise utils.UserError(f"{args.resume}/final.pt does not fit a {args.arch}: {reason}") from None
         optimizer.load_state_dict(resume["resume"]["optimizer"])
         prev_state = resume["resume"]["prev_state"]
         metrics, start_epoch = resume["metrics"], resume["epoch"]
@@ -442,7 +448,8 @@ def train(args, resume, rank, world_size, device):
         # one order per epoch, the same on every rank (and after --resume) without saving any state
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         order = order.to(device)
-        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or None):
+        quiet = not is_main or None  # one progress bar, rank 0's
+        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
             x = x_train[idx]
             x = utils.to_float(utils.augment(x, flip=data.flip) if args.augment else x)
@@ -469,7 +476,9 @@ def train(args, resume, rank, world_size, device):
         # PIAT: interpolate with the previous epoch's interpolated weights (Eq. 9)
         alpha = 0.0
         if args.piat:
-            alpha = args.alpha_fixed if args.alpha_fixed is not None else piat_alpha(epoch, args.alpha_max, args.alpha_a, args.alpha_b)
+            alpha = args.alpha_fixed
+            if alpha is None:
+                alpha = piat_alpha(epoch, args.alpha_max, args.alpha_a, args.alpha_b)
             interpolate_(model, prev_state, alpha)
             prev_state = clone_state(model)
 

@@ -88,7 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--arch", type=str, default="resnet18", choices=utils.ARCHS, help="network of all five models")
     g.add_argument("--epochs", type=pos_int, default=None,
                    help="epochs (default: 120 resnet18, 180 wrn-32-10, 30 small-cnn)")
-    g.add_argument("--batch-size", type=pos_int, default=128, help="training batch size (both learners see the same batch)")
+    g.add_argument("--batch-size", type=pos_int, default=128,
+                   help="training batch size (both learners see the same batch)")
     g.add_argument("--eval-batch-size", type=pos_int, default=256, help="batch size of the per-epoch evaluation")
     g.add_argument("--lr", type=nonneg_float, default=None,
                    help="initial learning rate of both learners, held for the first half of training, then linearly "
@@ -103,7 +104,8 @@ def parse_args(argv=None):
                    help="same: the natural learner starts as a copy of the robust learner (default, ours: Generalist's "
                         "official code deep-copies it); independent: its own random initialisation")
     g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0, help="L-inf radius of the training and evaluation attacks")
+    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+                   help="L-inf radius of the training and evaluation attacks")
     g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size")
     g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack")
     g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20, help="PGD steps of the per-epoch evaluation")
@@ -422,7 +424,8 @@ def make_run_dir(args):
         args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.out_dir)
     if (run_dir / "final.pt").exists():
-        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -466,7 +469,8 @@ def train(args, resume, rank, world_size, device):
     if args.amp is None:
         args.amp = device.type == "cuda"
     if args.batch_size % world_size:
-        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} processes")
+        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among "
+                              f"{world_size} processes")
     if args.sync_bn and device.type != "cuda":
         raise utils.UserError("--sync-bn needs one CUDA device per process")
     utils.seed_everything(args.seed)  # the same initial weights on every rank
@@ -547,7 +551,8 @@ def train(args, resume, rank, world_size, device):
         # one order per epoch, the same on every rank (and after --resume) without saving any state
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         order = order.to(device)
-        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or None):
+        quiet = not is_main or None  # one progress bar, rank 0's
+        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
             x = x_train[idx]
             x = utils.to_float(utils.augment(x, flip=data.flip) if args.augment else x)
@@ -599,7 +604,9 @@ def train(args, resume, rank, world_size, device):
         # --piat: interpolate the robust learner with its previous epoch's interpolated weights
         alpha = 0.0
         if args.piat:
-            alpha = args.alpha_fixed if args.alpha_fixed is not None else piat_alpha(epoch, args.alpha_max, args.alpha_a, args.alpha_b)
+            alpha = args.alpha_fixed
+            if alpha is None:
+                alpha = piat_alpha(epoch, args.alpha_max, args.alpha_a, args.alpha_b)
             interpolate_(robust, prev_state, alpha)
             prev_state = clone_state(robust)
 
@@ -627,7 +634,8 @@ def train(args, resume, rank, world_size, device):
                 utils.save_checkpoint(checkpoint, run_dir / "best.pt")
             checkpoint["resume"] = {
                 "robust": robust.state_dict(), "natural": natural.state_dict(), "ema_robust": ema_robust.state_dict(),
-                "ema_natural": ema_natural.state_dict(), "ema_steps": dict(ema_steps), "optimizer": optimizer.state_dict(),
+                "ema_natural": ema_natural.state_dict(), "ema_steps": dict(ema_steps),
+                "optimizer": optimizer.state_dict(),
                 "natural_optimizer": natural_optimizer.state_dict(), "prev_state": prev_state,
                 "rng": rng_states}
             utils.save_checkpoint(checkpoint, run_dir / "final.pt")

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=pos_int, default=None, help="resize image-folder images to this size")
     g.add_argument("--train-size", type=pos_int, default=None, help="train on a fixed subset of N images")
     g.add_argument("--val-size", type=nonneg_int, default=0,
-                   help="hold out N training images and select best.pt on their PGD-20 accuracy instead of the test set's")
+                   help="hold out N training images and select best.pt on their PGD-20 accuracy instead of the "
+                        "test set's")
     g.add_argument("--eval-size", type=pos_int, default=1000,
                    help="evaluate after every epoch on a fixed subset of N test images (default 1000)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
@@ -135,8 +136,10 @@ def parse_args(argv=None):
                         "trades: CE(f(x),y) + beta*KL(p(x)||p(x')), x' maximises the KL (Zhang et al. 2019); "
                         "mart: boosted BCE on x' + beta*KL*(1-p_y(x)) (Wang et al. 2020)")
     g.add_argument("--lam", type=nonneg_float, default=None,
-                   help="weight of the NMSE term (default 4.0, reconstruction: the paper's value was lost in extraction)")
-    g.add_argument("--beta", type=nonneg_float, default=6.0, help="weight of the KL term of trades and mart (default 6)")
+                   help="weight of the NMSE term (default 4.0, reconstruction: the paper's value was lost in "
+                        "extraction)")
+    g.add_argument("--beta", type=nonneg_float, default=6.0,
+                   help="weight of the KL term of trades and mart (default 6)")
     g = p.add_argument_group("PIAT: theta <- alpha*theta_prev + (1-alpha)*theta after every epoch")
     g.add_argument("--piat", action=utils.argparse.BooleanOptionalAction, default=True,
                    help="interpolate all floating-point weights after every epoch (on by default)")
@@ -144,7 +147,8 @@ def parse_args(argv=None):
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10)")
     g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
     g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None, help="a constant alpha instead (the paper's Fig. 9)")
+    g.add_argument("--alpha-fixed", type=nonneg_float, default=None,
+                   help="a constant alpha instead (the paper's Fig. 9)")
     args = p.parse_args(argv)
     validate_and_fill(args)
     return args
@@ -600,7 +604,8 @@ def make_run_dir(args):
         args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.out_dir)
     if (run_dir / "final.pt").exists():
-        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+        raise utils.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -632,7 +637,8 @@ def train(args, resume, rank, world_size, device):
     if args.amp is None:
         args.amp = device.type == "cuda"
     if args.batch_size % world_size:
-        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} processes")
+        raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among "
+                              f"{world_size} processes")
     utils.seed_everything(args.seed)  # the same initial weights (and new head) on every rank
     is_main = rank == 0
 
@@ -653,7 +659,8 @@ def train(args, resume, rank, world_size, device):
         try:
             model.load_state_dict(resume["model"])
         except RuntimeError as err:
-            raise utils.UserError(f"{args.resume}/final.pt does not fit a {args.arch}: {str(err).splitlines()[0]}") from None
+            reason = str(err).splitlines()[0]
+            raise utils.UserError(f"{args.resume}/final.pt does not fit a {args.arch}: {reason}") from None
         optimizer.load_state_dict(resume["resume"]["optimizer"])
         prev_state = resume["resume"]["prev_state"]
         metrics, start_epoch = resume["metrics"], resume["epoch"]
@@ -690,7 +697,8 @@ def train(args, resume, rank, world_size, device):
         # one order per epoch, the same on every rank (and after --resume) without saving any state
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         order = order.to(device)
-        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or None):
+        quiet = not is_main or None  # one progress bar, rank 0's
+        for i in utils.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=quiet):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
             x = x_train[idx]
             x = utils.to_float(utils.augment(x, flip=data.flip) if args.augment else x)

@@ -329,8 +329,9 @@ def augment(x, pad=4, flip=True):
     dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-                 rows, cols]
+    images = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(c, device=x.device)[None, :, None, None]
+    out = padded[images, channels, rows, cols]
     if flip:
         flipped = torch.rand(n, device=x.device) < 0.5
         out = torch.where(flipped[:, None, None, None], out.flip(3), out)
@@ -477,7 +478,8 @@ class SmallCNN(nn.Module):
         self.normalize = Normalize(mean, std)
 
         def conv_bn(c_in, c_out):
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                                 nn.ReLU(inplace=True))
 
         w = width
         self.features = nn.Sequential(conv_bn(3, w), nn.MaxPool2d(2), conv_bn(w, 2 * w), nn.MaxPool2d(2),

@@ -39,14 +39,17 @@ def parse_args(argv=None):
     p.add_argument("--arch", type=str, default="resnet18", choices=utils.ARCHS, help="network")
     p.add_argument("--batch-size", type=utils.positive(int), default=128, help="training batch size")
     p.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--warmup", type=utils.non_negative(int), default=10, help="untimed steps first (compilation, cudnn autotune)")
+    p.add_argument("--warmup", type=utils.non_negative(int), default=10,
+                   help="untimed steps first (compilation, cudnn autotune)")
     p.add_argument("--steps", type=utils.positive(int), default=30, help="timed steps")
     p.add_argument("--pgd-steps", type=utils.non_negative(int), default=10, help="steps of the training attack")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast in our step (default: on for CUDA, off on CPU); the conventional loop is fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
-    p.add_argument("--workers", type=utils.non_negative(int), default=2, help="DataLoader workers of the conventional loop")
-    p.add_argument("--eval-images", type=utils.positive(int), default=256, help="images for timing evaluate.py's PGD-20")
+    p.add_argument("--workers", type=utils.non_negative(int), default=2,
+                   help="DataLoader workers of the conventional loop")
+    p.add_argument("--eval-images", type=utils.positive(int), default=256,
+                   help="images for timing evaluate.py's PGD-20")
     p.add_argument("--peak-tflops", type=utils.positive(float), default=989.0,
                    help="the device's dense bf16 peak in TFLOP/s, for the achieved fraction (H100/H200 SXM: 989)")
     p.add_argument("--out", type=str, default=None, help="also write the results as JSON here")
@@ -196,7 +199,8 @@ def measure(args):
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": args.variant, "device": str(device), "device_name": device_name(device), "arch": args.arch,
-            "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds, "images_per_second": images / seconds,
+            "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds,
+            "images_per_second": images / seconds,
             "ms_per_image": 1000 * seconds / images, "peak_memory_mib": peak / 2**20,
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
             "forward_gflops_per_image": flops / 1e9, **settings}
@@ -234,12 +238,15 @@ def main(argv=None):
     print(f"{'variant':<14}{'images/s':>10}{'ms/image':>10}{'peak MiB':>10}  settings")
     for r in (ours_r, conv_r):
         flags = ", ".join(f"{k}={r[k]}" for k in ("amp", "compile", "channels_last", "workers") if k in r)
-        print(f"{r['variant']:<14}{r['images_per_second']:>10.1f}{r['ms_per_image']:>10.2f}{r['peak_memory_mib']:>10.0f}  {flags}")
+        print(f"{r['variant']:<14}{r['images_per_second']:>10.1f}{r['ms_per_image']:>10.2f}"
+              f"{r['peak_memory_mib']:>10.0f}  {flags}")
     print(f"ratio ours / conventional: {ratio:.2f}x")
-    print(f"evaluate.py PGD-20 (fp32): {eval_r['ms_per_image']:.2f} ms per image ({eval_r['images_per_second']:.1f} images/s)")
-    print(f"model forward: {ours_r['forward_gflops_per_image']:.3f} GFLOP per image; ours achieves {tflops:.2f} TFLOP/s "
-          f"counting {equivalents} forward-equivalents per image"
-          + (f" = {100 * summary['fraction_of_peak']:.1f}% of {args.peak_tflops:.0f} TFLOP/s" if summary["fraction_of_peak"] else ""))
+    print(f"evaluate.py PGD-20 (fp32): {eval_r['ms_per_image']:.2f} ms per image "
+          f"({eval_r['images_per_second']:.1f} images/s)")
+    peak = summary["fraction_of_peak"]
+    print(f"model forward: {ours_r['forward_gflops_per_image']:.3f} GFLOP per image; "
+          f"ours achieves {tflops:.2f} TFLOP/s counting {equivalents} forward-equivalents per image"
+          + (f" = {100 * peak:.1f}% of {args.peak_tflops:.0f} TFLOP/s" if peak else ""))
     if args.out:
         utils.save_json({**results, "summary": summary, "command": " ".join([Path(__file__).name, *argv])}, args.out)
     return {**results, "summary": summary}

@@ -17,6 +17,10 @@ TINY = ["--dataset", "synthetic", "--arch", "small-cnn", "--train-size", "96", "
         "--batch-size", "32", "--pgd-steps", "2", "--eval-pgd-steps", "3", "--device", "cpu"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "notebook: executes paper.ipynb end to end (the slowest test)")
+
+
 @pytest.fixture(scope="session")
 def root():
     return ROOT

@@ -179,7 +179,8 @@ def test_identical_best_and_final_are_measured_once(tmp_path, monkeypatch):
     calls = []
     real = ev.attack_accuracy
     monkeypatch.setattr(ev, "attack_accuracy", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    rows = rows_by(ev.main([str(run), "--attacks", "clean,pgd20", "--n-examples", "32", *CPU])["rows"], "role", "attack")
+    result = ev.main([str(run), "--attacks", "clean,pgd20", "--n-examples", "32", *CPU])
+    rows = rows_by(result["rows"], "role", "attack")
     assert calls == ["clean", "pgd20"]
     for attack in ("clean", "pgd20"):
         assert rows["final", attack]["accuracy"] == rows["best", attack]["accuracy"]
@@ -314,7 +315,8 @@ def test_landscape_on_a_tiny_model(undefended, tmp_path):
 def test_bad_input_gets_one_line(tmp_path, undefended):
     script = Path(ev.__file__)
     # a missing file
-    assert "no checkpoint or run folder at" in one_line_error(run_script(script, tmp_path / "missing.pt"), "evaluate.py")
+    missing = run_script(script, tmp_path / "missing.pt")
+    assert "no checkpoint or run folder at" in one_line_error(missing, "evaluate.py")
     # a plain state_dict of another architecture
     torch.save(utils.build_model("small-cnn", 10).state_dict(), tmp_path / "cnn.pt")
     line = one_line_error(run_script(script, tmp_path / "cnn.pt", "--arch", "resnet18", *CPU), "evaluate.py")

@@ -282,7 +282,8 @@ def test_mail_burn_in_scales_with_epochs():
 
 def test_arch_and_loss_defaults():
     args = tp.parse_args([])
-    assert (args.arch, args.epochs, args.lr, args.weight_decay, args.loss, args.lam) == ("resnet18", 120, 0.01, 3.5e-3, "nmse", 4.0)
+    defaults = (args.arch, args.epochs, args.lr, args.weight_decay, args.loss, args.lam)
+    assert defaults == ("resnet18", 120, 0.01, 3.5e-3, "nmse", 4.0)
     args = tp.parse_args(["--arch", "wrn-32-10", "--loss", "alp"])
     assert (args.epochs, args.lr, args.weight_decay, args.lam) == (180, 0.1, 7e-4, 0.5)
     assert args.piat and tp.parse_args(["--no-piat"]).piat is False

@@ -139,7 +139,8 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     real_eval, real_mix, real_ema = tr.evaluate, tr.mix_global_, tr.ema_update_
     monkeypatch.setattr(tr, "evaluate", lambda model, *a, **k: evaluated.append((k["desc"], snapshot(model)))
                         or real_eval(model, *a, **k))
-    monkeypatch.setattr(tr, "mix_global_", lambda g, r, n, beta, d: mixes.append((beta, d)) or real_mix(g, r, n, beta, d))
+    monkeypatch.setattr(tr, "mix_global_",
+                        lambda g, r, n, beta, d: mixes.append((beta, d)) or real_mix(g, r, n, beta, d))
     monkeypatch.setattr(tr, "ema_update_", lambda e, m, d: emas.append(d) or real_ema(e, m, d))
     out = run(tmp_path, "--epochs", "2", "--redistribute-mode", "off", "--eval-robust-learner")
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS

@@ -69,8 +69,9 @@ def test_batch_must_divide_among_processes(monkeypatch):
 
 def test_bench_train_runs_with_tiny_settings(tmp_path, root):
     out = tmp_path / "bench.json"
-    result = run_script(root / "benchmarks" / "bench_train.py", "--arch", "small-cnn", "--batch-size", "16", "--warmup", "1",
-                        "--steps", "1", "--pgd-steps", "1", "--eval-images", "8", "--workers", "0", "--out", out)
+    result = run_script(root / "benchmarks" / "bench_train.py", "--arch", "small-cnn", "--batch-size", "16",
+                        "--warmup", "1", "--steps", "1", "--pgd-steps", "1", "--eval-images", "8", "--workers", "0",
+                        "--out", out)
     assert result.returncode == 0, result.stderr
     assert "ratio ours / conventional:" in result.stdout and "evaluate.py PGD-20 (fp32):" in result.stdout
     report = json.loads(out.read_text())

@@ -210,7 +210,8 @@ def test_pooled_patch_kernel_on_the_small_image_equals_the_original_on_the_upsam
     big = small.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # 128x128
     pooled = tv.pool_patch_kernel(kernel, 4)
     assert pooled.shape == (8, 3, 4, 4)
-    torch.testing.assert_close(F.conv2d(small, pooled, stride=4), F.conv2d(big, kernel, stride=16), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(F.conv2d(small, pooled, stride=4), F.conv2d(big, kernel, stride=16),
+                               rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pooled.sum(dim=(2, 3)), kernel.sum(dim=(2, 3)), rtol=1e-5, atol=1e-4)
     odd = tv.pool_patch_kernel(kernel, 5)  # sizes that do not divide: split by overlap, the sum kept
     assert odd.shape == (8, 3, 5, 5)
@@ -244,9 +245,11 @@ def test_adapt_pretrained_state_of_a_224_model(tmp_path, name, kwargs, prefix, s
     assert source["pos_embed"].shape[1] == prefix + 196 and adapted["pos_embed"].shape[1] == prefix + 64
     assert torch.equal(adapted["pos_embed"][:, :prefix], source["pos_embed"][:, :prefix])  # class token kept
     grid = source["pos_embed"][0, prefix:].reshape(14, 14, -1).permute(2, 0, 1)[None]
-    expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).reshape(64, -1)
+    expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = expected[0].permute(1, 2, 0).reshape(64, -1)
     torch.testing.assert_close(adapted["pos_embed"][0, prefix:], expected)
-    torch.testing.assert_close(adapted["patch_embed.proj.weight"], tv.pool_patch_kernel(source["patch_embed.proj.weight"], 4))
+    pooled = tv.pool_patch_kernel(source["patch_embed.proj.weight"], 4)
+    torch.testing.assert_close(adapted["patch_embed.proj.weight"], pooled)
     for key in ("head.weight", "head.bias"):  # a new head, as the 32x32 model initialised it
         assert torch.equal(adapted[key], own[key]) and source[key].shape[0] == 1000
     for key, value in adapted.items():  # everything else copied unchanged
