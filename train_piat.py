@@ -61,7 +61,8 @@ def parse_args(argv=None):
     g.add_argument("--dataset", type=str, default="cifar10", choices=utils.DATASETS,
                    help="cifar10/cifar100/svhn are downloaded into --data-dir; imagefolder reads --data-dir/train and "
                         "--data-dir/test; synthetic is a small learnable set made in memory")
-    g.add_argument("--data-dir", type=str, default="./data", help="where data sets are stored or downloaded")
+    g.add_argument("--data-dir", type=str, default=None,
+                   help="where data sets are stored or downloaded (default: ./data, or the resumed run's)")
     g.add_argument("--image-size", type=pos_int, default=None, help="resize image-folder images to this size")
     g.add_argument("--train-size", type=pos_int, default=None, help="train on a fixed subset of N images")
     g.add_argument("--val-size", type=nonneg_int, default=0,
@@ -121,6 +122,8 @@ def parse_args(argv=None):
 
 
 def validate_and_fill(args):
+    if args.data_dir is None and not args.resume:  # a resumed run keeps its own
+        args.data_dir = "./data"
     for key, value in ARCH_DEFAULTS[args.arch].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -376,7 +379,8 @@ def main(argv=None):
         if "resume" not in resume:
             raise utils.UserError(f"{args.resume}/final.pt holds no training state to resume from")
         saved = resume["args"]
-        saved.update(resume=args.resume, device=args.device, data_dir=args.data_dir, out_dir=args.resume)
+        saved.update(resume=args.resume, device=args.device, out_dir=args.resume,
+                     data_dir=args.data_dir or saved["data_dir"])
         args = utils.argparse.Namespace(**saved)
     rank, world_size, device = utils.setup_distributed(args.device)
     try:

@@ -101,7 +101,7 @@ def test_val_split_selects_best_on_held_out_images(tmp_path):
     assert utils.load_checkpoint(out / "best.pt")["epoch"] == best_epoch
 
 
-def test_image_folder_dataset(tmp_path):
+def test_image_folder_dataset(tmp_path, monkeypatch):
     from PIL import Image
 
     data = utils.make_synthetic(num_classes=3, train_size=60, test_size=30)
@@ -117,6 +117,13 @@ def test_image_folder_dataset(tmp_path):
     tp.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--arch", "small-cnn", "--epochs", "1",
              "--pgd-steps", "1", "--eval-pgd-steps", "1", "--out-dir", str(out)])
     assert utils.load_checkpoint(out / "final.pt")["num_classes"] == 3
+    # --resume without --data-dir reads the images from where the run read them, not from ./data
+    final = utils.load_checkpoint(out / "final.pt")
+    final["args"]["epochs"] = 2
+    torch.save(final, out / "final.pt")
+    monkeypatch.chdir(tmp_path)
+    tp.main(["--resume", str(out)])
+    assert utils.load_checkpoint(out / "final.pt")["epoch"] == 2
 
 
 RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "1024", "--batch-size", "16"]
