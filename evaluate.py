@@ -114,6 +114,9 @@ def parse_args(argv=None):
                    help="seed of the attacks' random starts and of AutoAttack (default: %(default)s; re-set before "
                         "every measurement, so each number does not depend on what was measured before it)")
     g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--amp", action="store_true",
+                   help="run the model under bf16 autocast in every attack and AutoAttack (faster on a GPU, but the "
+                        "numbers are not the fp32 ones papers report: off by default, and marked in the results)")
     g.add_argument("--out", type=str, default=None,
                    help="JSON file for all numbers (default: RUN_DIR/eval.json, or CHECKPOINT's name with .eval.json); "
                         "with --table, the markdown file to write")
@@ -241,6 +244,19 @@ def autoattack_accuracy(model, x, y, epsilon, version, attacks, seed, batch_size
         log.removeHandler(handler)
         log.setLevel(level)
     return int((y_adv.cpu() == y.cpu()).sum()), list(adversary.attacks_to_run)
+
+
+class Bf16Autocast(nn.Module):
+    """`model` run under bf16 autocast, returning fp32 logits, so every attack (AutoAttack's
+    included, which only sees a module) runs in bf16 without knowing it (--amp)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,6 +485,8 @@ def table_i(rows):
             run["notes"].add(f"eps {row.get('epsilon_255'):g}/255")
         if row["attack"] == "aa" and row.get("aa_version") != "standard":
             run["notes"].add(f"AA {row.get('aa_version')} ({','.join(row.get('aa_attacks') or [])})")
+        if row.get("amp") and row["attack"] != "clean":
+            run["notes"].add(f"{ATTACK_TITLES[row['attack']]} in bf16")
     for run in runs.values():
         for attack in ATTACKS:
             cell = run.get(attack)
@@ -583,13 +601,14 @@ def main(argv=None):
             subset = "all" if len(idx) == len(data.x_test) else subset
             x, y = data.x_test[idx], data.y_test[idx]
             model.to(device)
+            attacked = Bf16Autocast(model) if args.amp else model
             epoch = f", epoch {info['epoch']}" if info["epoch"] else ""
             which = "all" if subset == "all" else f"{subset} subset"
             print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(idx)} {dataset} test images ({which}), "
-                  f"{device}")
+                  f"{device}{', bf16 autocast' if args.amp else ''}")
             common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
                       "arch": info["arch"], "epoch": info["epoch"], "dataset": dataset, "subset": subset, "n": len(idx),
-                      "seed": args.seed, "batch_size": args.batch_size, "device": str(device)}
+                      "seed": args.seed, "batch_size": args.batch_size, "device": str(device), "amp": args.amp}
 
             for attack in args.attacks:
                 utils.seed_everything(args.seed)  # each number is reproducible on its own
@@ -603,11 +622,11 @@ def main(argv=None):
                     row.update({k: v for k, v in earlier.items() if k not in common and k != "seconds"},
                                seconds=0.0, same_weights_as=earlier["checkpoint"])
                 elif attack == "aa":
-                    correct, ran = autoattack_accuracy(model, utils.to_float(x), y, eps, args.aa_version,
+                    correct, ran = autoattack_accuracy(attacked, utils.to_float(x), y, eps, args.aa_version,
                                                        args.aa_attacks, args.seed, args.batch_size, device)
                     row.update(aa_version=args.aa_version, aa_attacks=ran)
                 else:
-                    correct = attack_accuracy(model, x, y, attack, eps, step, args.batch_size, device,
+                    correct = attack_accuracy(attacked, x, y, attack, eps, step, args.batch_size, device,
                                               desc=f"{role} {attack}")
                     if attack != "clean":
                         row.update(steps=20, step_size_255=args.step_size)

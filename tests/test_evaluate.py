@@ -153,6 +153,32 @@ def test_autoattack_equals_pyautoattack_run_directly(undefended, tmp_path, caplo
     assert (x_adv - x).abs().max() <= 2 / 255 + 1e-6
 
 
+def test_amp_is_opt_in_runs_the_model_in_bf16_and_is_marked(undefended, tmp_path, monkeypatch):
+    """--amp: every attack sees the model through Bf16Autocast (bf16 inside, fp32 logits out), the rows
+    say so and the table notes it; without it the model the attacks get is the fp32 one."""
+    seen = []
+    real = ev.attack_accuracy
+    monkeypatch.setattr(ev, "attack_accuracy", lambda *a, **k: seen.append(a[0]) or real(*a, **k))
+    flags = ["--attacks", "clean,pgd20", "--n-examples", "64", *CPU]
+    fp32 = rows_by(ev.main([str(undefended / "final.pt"), *flags, "--out", str(tmp_path / "fp32.json")])["rows"],
+                   "attack")
+    bf16 = rows_by(ev.main([str(undefended / "final.pt"), *flags, "--amp", "--out", str(tmp_path / "bf16.json")])
+                   ["rows"], "attack")
+    assert not any(isinstance(m, ev.Bf16Autocast) for m in seen[:2])
+    assert all(isinstance(m, ev.Bf16Autocast) for m in seen[2:]) and len(seen) == 4
+    assert [r["amp"] for r in (*fp32.values(), *bf16.values())] == [False, False, True, True]
+    assert abs(bf16["clean"]["accuracy"] - fp32["clean"]["accuracy"]) <= 0.05  # 64 images, bf16 logits round
+    notes = json.loads((tmp_path / "bf16.json").read_text())["table"][str(undefended / "final.pt")]["notes"]
+    assert notes == ["PGD20 in bf16"]
+
+    wrapped = seen[2]
+    dtypes = []
+    first_conv = next(m for m in wrapped.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    x, _ = synthetic_examples(4)
+    assert wrapped(x).dtype == torch.float32 and dtypes == [torch.bfloat16]
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
