@@ -374,14 +374,8 @@ def checkpoint_dict(model, data, args, metrics, epoch):
 def main(argv=None):
     args = parse_args(argv)
     resume = None
-    if args.resume:  # the interrupted run's flags win, except where the data lives and where to run
-        resume = utils.load_checkpoint(Path(args.resume) / "final.pt")
-        if "resume" not in resume:
-            raise utils.UserError(f"{args.resume}/final.pt holds no training state to resume from")
-        saved = resume["args"]
-        saved.update(resume=args.resume, device=args.device, out_dir=args.resume,
-                     data_dir=args.data_dir or saved["data_dir"])
-        args = utils.argparse.Namespace(**saved)
+    if args.resume:  # the interrupted run's own flags, its model and training state
+        args, resume = utils.resume_run(args, "train_piat.py")
     rank, world_size, device = utils.setup_distributed(args.device)
     try:
         return train(args, resume, rank, world_size, device)

@@ -578,6 +578,23 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+def resume_run(args, script):
+    """(the run's own flags, its final.pt) to continue `args.resume` from. The flags the interrupted run
+    was started with win, except where to run (--device), where to write (the run folder itself) and,
+    when given, where the data lives (--data-dir). A final.pt of another script, or one holding no
+    training state, gets one clear UserError."""
+    checkpoint = load_checkpoint(Path(args.resume) / "final.pt")
+    written_by = checkpoint.get("script", "another script")
+    if written_by != script:
+        raise UserError(f"{args.resume}/final.pt was written by {written_by}, not {script}; resume it with that script")
+    if "resume" not in checkpoint:
+        raise UserError(f"{args.resume}/final.pt holds no training state to resume from")
+    saved = dict(checkpoint["args"])
+    saved.update(resume=args.resume, device=args.device, out_dir=args.resume,
+                 data_dir=args.data_dir or saved["data_dir"])
+    return argparse.Namespace(**saved), checkpoint
+
+
 class MetricsLog:
     """metrics.csv, one row per epoch, flushed as it goes. `rows` are rewritten first, so a resumed
     run's file holds exactly the epochs its checkpoint holds."""

@@ -204,6 +204,9 @@ def test_truncated_and_foreign_checkpoints(tmp_path):
     other["model"] = utils.build_model("resnet18", 10).state_dict()
     torch.save(other, out / "final.pt")
     assert "does not fit a small-cnn" in one_line_error(run_script(tp.__file__, "--resume", out))
+    other["script"] = "train_rdat.py"  # another script's run: resumed by that script only
+    torch.save(other, out / "final.pt")
+    assert "written by train_rdat.py, not train_piat.py" in one_line_error(run_script(tp.__file__, "--resume", out))
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
