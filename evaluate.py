@@ -22,6 +22,7 @@ sorted(utils.fixed_subset(n_test, N)) (--subset fixed, the default for imagefold
 whose files are ordered by class; it is the subset train_piat.py's --eval-size N evaluates every epoch).
 """
 
+import argparse
 import json
 import logging
 import os
@@ -45,119 +46,8 @@ STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"st
 LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL"}
 
 
-def comma_list(allowed):
-    """argparse `type=` for a comma-separated list whose items must come from `allowed`."""
-
-    def parse(text):
-        items = [item.strip().lower() for item in text.split(",") if item.strip()]
-        unknown = [item for item in items if item not in allowed]
-        if unknown or not items:
-            raise utils.argparse.ArgumentTypeError(f"unknown {unknown[0]!r} in {text!r}" if unknown else "empty list")
-        return list(dict.fromkeys(items))  # drop repeats, keep the order
-
-    parse.__name__ = "list"
-    return parse
-
-
-def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
-    nonneg_int, nonneg_float = utils.non_negative(int), utils.non_negative(float)
-    pos_int, pos_float = utils.positive(int), utils.positive(float)
-    p.add_argument("paths", nargs="+", type=str, metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="run folders (their best.pt and final.pt are evaluated), checkpoints of this project, plain "
-                        "state_dicts (with --arch); with --table: run folders or the JSON files evaluate.py wrote")
-    g = p.add_argument_group("what to measure (epsilon and step size in 1/255 units)")
-    g.add_argument("--attacks", type=comma_list(ATTACKS), default=None,
-                   help=f"comma-separated, any of {','.join(ATTACKS)} (default: all of them, or none with --landscape)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
-                   help="L-inf radius of every attack and of AutoAttack (default: %(default)s)")
-    g.add_argument("--step-size", type=nonneg_float, default=2.0,
-                   help="step size of PGD-20 and CW-20 (default: %(default)s)")
-    g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS,
-                   help="AutoAttack version: standard (the paper's and RobustBench's), plus, rand, or custom "
-                        "(--aa-attacks with pyautoattack's default settings of each, for quick looks)")
-    g.add_argument("--aa-attacks", type=comma_list(AA_ATTACKS), default=None,
-                   help=f"with --aa-version custom: any of {','.join(AA_ATTACKS)} (default: apgd-ce,apgd-t)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", type=str, default=None, choices=utils.DATASETS,
-                   help="test set to evaluate on (default: the checkpoint's own data set; cifar10 for plain "
-                        "state_dicts)")
-    g.add_argument("--data-dir", type=str, default=None,
-                   help="where the data set lives (default: the checkpoint's own --data-dir, else ./data)")
-    g.add_argument("--image-size", type=pos_int, default=None,
-                   help="resize image-folder images to this size (default: the checkpoint's own --image-size)")
-    g.add_argument("--n-examples", type=pos_int, default=None, help="evaluate N test images (default: all of them)")
-    g.add_argument("--subset", type=str, default=None, choices=("first", "fixed"),
-                   help="which N: the first N test images (default for cifar10/cifar100/svhn, as AutoAttack's eval.py "
-                        "and RobustBench), or sorted(utils.fixed_subset(n_test, N)), the same for every seed (default "
-                        "for imagefolder/synthetic, whose images are ordered by class)")
-    g.add_argument("--batch-size", type=pos_int, default=250,
-                   help="batch size of every attack, AutoAttack's included (250 is pyautoattack's own default)")
-    g = p.add_argument_group("plain state_dicts from other projects")
-    g.add_argument("--arch", type=str, default=None, choices=utils.ARCHS,
-                   help="read the checkpoints as plain state_dicts of this network (bare, or under 'state_dict'/"
-                        "'model'/'net', 'module.' prefixes stripped)")
-    g.add_argument("--num-classes", type=pos_int, default=None,
-                   help="outputs of that network (default: read from its last layer)")
-    g.add_argument("--input-normalization", type=str, default=None, choices=tuple(NORMALIZATIONS),
-                   help="how that network normalises its [0,1] input: none (default; TRADES, MART and AutoAttack's "
-                        "example models take raw [0,1] images) or the channel statistics of a data set")
-    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-                   help="explicit normalisation mean of that network (with --std), instead of --input-normalization")
-    g.add_argument("--std", type=pos_float, nargs=3, default=None, metavar=("R", "G", "B"),
-                   help="explicit normalisation standard deviation of that network")
-    g.add_argument("--unsafe-load", action="store_true",
-                   help="allow a plain checkpoint that pickles Python objects (torch.load weights_only=False): it can "
-                        "run code, so only for files you trust")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the attacks' random starts and of AutoAttack (default: %(default)s; re-set before "
-                        "every measurement, so each number does not depend on what was measured before it)")
-    g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--amp", action="store_true",
-                   help="run the model under bf16 autocast in every attack and AutoAttack (faster on a GPU, but the "
-                        "numbers are not the fp32 ones papers report: off by default, and marked in the results)")
-    g.add_argument("--out", type=str, default=None,
-                   help="JSON file for all numbers (default: RUN_DIR/eval.json, or CHECKPOINT's name with .eval.json); "
-                        "with --table, the markdown file to write")
-    g.add_argument("--table", action="store_true",
-                   help="gather the JSON files of the given run folders into one markdown table shaped like Table I")
-    g = p.add_argument_group("loss landscape (Fig. 8): L(theta + a*d1 + b*d2), PGD adversarial CE on a fixed batch")
-    g.add_argument("--landscape", action="store_true",
-                   help="compute it for final.pt of each run folder (or each given checkpoint); writes .npz and .png")
-    g.add_argument("--landscape-steps", type=pos_int, default=21,
-                   help="grid points along each direction (default: %(default)s)")
-    g.add_argument("--landscape-range", type=pos_float, default=1.0,
-                   help="a and b run over [-range, range] (default: %(default)s)")
-    g.add_argument("--landscape-batch", type=pos_int, default=256,
-                   help="the fixed batch: the first N of the evaluated test images (default: %(default)s)")
-    g.add_argument("--landscape-pgd-steps", type=nonneg_int, default=20,
-                   help="PGD steps of the landscape's attack (default: %(default)s)")
-    args = p.parse_args(argv)
-    validate(args)
-    return args
-
-
-def validate(args):
-    if args.attacks is None:
-        args.attacks = [] if args.landscape else list(ATTACKS)
-    if args.aa_version == "custom":
-        args.aa_attacks = args.aa_attacks or ["apgd-ce", "apgd-t"]
-    elif args.aa_attacks is not None:
-        raise utils.UserError(f"--aa-attacks needs --aa-version custom (version {args.aa_version} runs its own set)")
-    if (args.mean is None) != (args.std is None):
-        raise utils.UserError("--mean and --std go together")
-    if args.mean is not None and args.input_normalization is not None:
-        raise utils.UserError("give either --input-normalization or --mean/--std, not both")
-    foreign_flags = [flag for flag, value in (("--num-classes", args.num_classes), ("--mean", args.mean),
-                                              ("--input-normalization", args.input_normalization)) if value is not None]
-    if foreign_flags and args.arch is None and not args.table:
-        raise utils.UserError(f"{foreign_flags[0]} describes a plain state_dict and needs --arch; checkpoints of this "
-                              "project carry their own architecture and normalisation")
-
-
 # ----------------------------------------------------------------------------------------------
-# The attacks (METHOD.md). Images live in [0, 1]; epsilon and step_size here are in [0, 1] units.
+# The attacks (docs/method.md §2). Images live in [0, 1]; epsilon and step_size in [0, 1] units.
 # pgd_attack and cw_margin are train_piat.py's, copied so that this script stands alone.
 # ----------------------------------------------------------------------------------------------
 
@@ -204,26 +94,28 @@ def cw_margin(logits, y):
     return others.amax(dim=1) - true
 
 
-def attack_accuracy(model, x_all, y_all, attack, epsilon, step_size, batch_size, device, desc=""):
-    """Number of uint8 images x_all (on the CPU) that `model` classifies correctly under `attack`:
-    "clean", "pgd20" (CE) or "cw20" (CW margin), 20 steps of step_size, uniform random start."""
+def attack_flags(model, x_all, y_all, attack, epsilon, step_size, batch_size, device, desc=""):
+    """Per image of x_all (uint8, on the CPU): whether `model` classifies it correctly under `attack`:
+    "clean", "pgd20" (CE) or "cw20" (CW margin), 20 steps of step_size, uniform random start. A bool
+    tensor on the CPU."""
     model.eval()
-    correct = 0
+    flags = []
     for i in utils.progress(range(0, len(x_all), batch_size), desc=desc):
         x = utils.to_float(x_all[i : i + batch_size].to(device))
         y = y_all[i : i + batch_size].to(device)
         if attack != "clean":
             x = pgd_attack(model, x, y, epsilon, step_size, 20, loss="ce" if attack == "pgd20" else "cw")
         with torch.no_grad():
-            correct += int((model(x).argmax(1) == y).sum())
-    return correct
+            flags.append((model(x).argmax(1) == y).cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
-def autoattack_accuracy(model, x, y, epsilon, version, attacks, seed, batch_size, device):
+def autoattack_flags(model, x, y, epsilon, version, attacks, seed, batch_size, device):
     """Images x (float in [0, 1]) that stay correctly classified under AutoAttack, exactly as
     pyautoattack's run_standard_evaluation counts them: it returns for every example the label the
     model gives its adversarial example, or its clean prediction when no attack succeeded (a clean
-    mistake stays a mistake), so y_adv == y is its robust_flags. Returns (correct, the attacks it ran)."""
+    mistake stays a mistake), so y_adv == y is its robust_flags. Returns (those flags as a bool tensor on
+    the CPU, the attacks it ran)."""
     from pyautoattack import AutoAttack
 
     model.eval()
@@ -243,7 +135,7 @@ def autoattack_accuracy(model, x, y, epsilon, version, attacks, seed, batch_size
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    return int((y_adv.cpu() == y.cpu()).sum()), list(adversary.attacks_to_run)
+    return y_adv.cpu() == y.cpu(), list(adversary.attacks_to_run)
 
 
 class Bf16Autocast(nn.Module):
@@ -339,6 +231,9 @@ def load_model(path, args):
     else:
         if not path.is_file():
             raise utils.UserError(f"no checkpoint at {path}")
+        problem = utils.not_a_torch_file(path)
+        if problem:
+            raise utils.UserError(problem)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=not args.unsafe_load)
         except Exception as err:
@@ -563,96 +458,265 @@ def pick_examples(data, n, subset):
     return torch.arange(n) if subset == "first" else utils.fixed_subset(n_test, n).sort().values
 
 
+def load_test_images(info, ckpt, args, cache):
+    """(x uint8, y, description) of the test images a checkpoint is evaluated on: its own data set unless
+    --dataset says otherwise, each data set loaded once (`cache`); one UserError when the checkpoint does
+    not fit the data (classes, image shape)."""
+    dataset = args.dataset or info["dataset"] or "cifar10"
+    own = dataset == info["dataset"]
+    data_dir = args.data_dir or (info["data_dir"] if own else None) or "./data"
+    image_size = args.image_size or (info["image_size"] if own else None)
+    key = (dataset, str(data_dir), image_size)
+    if key not in cache:
+        cache[key] = utils.load_dataset(dataset, data_dir, image_size)
+    data = cache[key]
+    if data.num_classes != info["num_classes"]:
+        raise utils.UserError(f"{ckpt} has {info['num_classes']} outputs but {dataset} has {data.num_classes} "
+                              "classes (--dataset? --num-classes?)")
+    if info["image_shape"] and tuple(info["image_shape"]) != tuple(data.image_shape):
+        raise utils.UserError(f"{ckpt} was trained on {tuple(info['image_shape'])} images but {dataset} holds "
+                              f"{tuple(data.image_shape)} (--image-size?)")
+    subset = args.subset or ("first" if dataset in ("cifar10", "cifar100", "svhn") else "fixed")
+    idx = pick_examples(data, args.n_examples, subset)
+    subset = "all" if len(idx) == len(data.x_test) else subset
+    images = {"dataset": dataset, "subset": subset, "key": (*key, tuple(idx.tolist()))}
+    return data.x_test[idx], data.y_test[idx], images
+
+
+def measure(model, x, y, attack, args, device, desc):
+    """One attack on the images x (uint8) of one model: the result row's measured fields."""
+    eps = args.epsilon / 255
+    if attack == "aa":
+        flags, ran = autoattack_flags(model, utils.to_float(x), y, eps, args.aa_version, args.aa_attacks, args.seed,
+                                      args.batch_size, device)
+        extra = {"aa_version": args.aa_version, "aa_attacks": ran}
+    else:
+        flags = attack_flags(model, x, y, attack, eps, args.step_size / 255, args.batch_size, device, desc=desc)
+        extra = {} if attack == "clean" else {"steps": 20, "step_size_255": args.step_size}
+    correct = int(flags.sum())
+    return {**extra, "accuracy": correct / len(y), "correct": correct}
+
+
+def evaluate_checkpoint(model, info, x, y, common, args, device, measured, record):
+    """Every attack of --attacks on one checkpoint's model: one result row each, handed to record(row) as
+    soon as it is measured. `measured` remembers rows by (weights, images, attack), so identical weights
+    (best.pt is often the final epoch) are measured once."""
+    for attack in args.attacks:
+        utils.seed_everything(args.seed)  # each number is reproducible on its own
+        start = time.time()
+        row = {**common, "attack": attack, "epsilon": 0.0 if attack == "clean" else args.epsilon / 255,
+               "epsilon_255": 0.0 if attack == "clean" else args.epsilon}
+        same = (info["fingerprint"], common["images"], attack)
+        if same in measured:
+            earlier = measured[same]
+            row.update({k: v for k, v in earlier.items() if k not in row and k != "seconds"},
+                       seconds=0.0, same_weights_as=earlier["checkpoint"])
+        else:
+            row.update(measure(model, x, y, attack, args, device, desc=f"{common['role']} {attack}"),
+                       seconds=time.time() - start)
+            measured[same] = row
+        print(f"  {common['role']:10s} {attack:6s} {100 * row['accuracy']:6.2f}%  ({row['correct']}/{len(y)}, "
+              f"{row['seconds']:.1f} s)", flush=True)
+        record({k: v for k, v in row.items() if k != "images"})
+
+
+def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache, measured):
+    """Every checkpoint of one run folder (or one checkpoint file): its attacks and, with --landscape, the
+    landscape of its final weights; json_path is rewritten after every number, so a crash keeps what was
+    measured. Returns the new result rows."""
+    saved, new_rows = read_results(json_path), []
+
+    def record(row):
+        new_rows.append(row)
+        saved["results"] = [r for r in saved["results"]
+                            if (r["run"], r["role"], r["attack"]) != (run, row["role"], row["attack"])] + [row]
+        save_results(saved, json_path)
+
+    for role, ckpt in checkpoints:
+        # the landscape of a run is the one of its final weights, as the paper's Fig. 8
+        landscape = args.landscape and (role != "best" or len(checkpoints) == 1)
+        if not args.attacks and not landscape:
+            continue
+        model, info = models[str(ckpt)]
+        x, y, images = load_test_images(info, ckpt, args, cache)
+        model.to(device)
+        which = "all" if images["subset"] == "all" else f"{images['subset']} subset"
+        epoch = f", epoch {info['epoch']}" if info["epoch"] else ""
+        print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(y)} {images['dataset']} test images "
+              f"({which}), {device}{', bf16 autocast' if args.amp else ''}")
+        common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
+                  "arch": info["arch"], "epoch": info["epoch"], "dataset": images["dataset"],
+                  "subset": images["subset"], "n": len(y), "seed": args.seed, "batch_size": args.batch_size,
+                  "device": str(device), "amp": args.amp}
+        attacked = Bf16Autocast(model) if args.amp else model
+        evaluate_checkpoint(attacked, info, x, y, {**common, "images": images["key"]}, args, device, measured, record)
+        if landscape:
+            # files beside the results: RUN_DIR/final.landscape.npz, CKPT_NAME.landscape.npz, or with --out
+            # OUT_DIR/RUN_NAME.final.landscape.npz
+            name = Path(ckpt).stem if not is_run_dir else role if args.out is None else f"{Path(run).name}.{role}"
+            entry = landscape_for(model, x, y, args, device, common, json_path.parent / f"{name}.landscape")
+            saved["landscapes"] = [e for e in saved["landscapes"] if (e["run"], e["role"]) != (run, role)] + [entry]
+            save_results(saved, json_path)
+        model.cpu()
+    return new_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags (python evaluate.py --help), grouped as --help shows them
+# ----------------------------------------------------------------------------------------------
+
+
+def comma_list(allowed):
+    """argparse `type=` for a comma-separated list whose items must come from `allowed`."""
+
+    def parse(text):
+        items = [item.strip().lower() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r} in {text!r}" if unknown else "empty list")
+        return list(dict.fromkeys(items))  # drop repeats, keep the order
+
+    parse.__name__ = "list"
+    return parse
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", type=str, metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run folders (their best.pt and final.pt are evaluated), checkpoints of this project, plain "
+                        "state_dicts (with --arch); with --table: run folders or the JSON files evaluate.py wrote")
+    add_measure_arguments(p)
+    add_data_arguments(p)
+    add_foreign_arguments(p)
+    add_run_arguments(p)
+    add_landscape_arguments(p)
+    args = p.parse_args(argv)
+    validate(args)
+    return args
+
+
+def add_measure_arguments(p):
+    nonneg_float = utils.non_negative(float)
+    g = p.add_argument_group("what to measure (epsilon and step size in 1/255 units)")
+    g.add_argument("--attacks", type=comma_list(ATTACKS), default=None,
+                   help=f"comma-separated, any of {','.join(ATTACKS)} (default: all of them, or none with --landscape)")
+    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+                   help="L-inf radius of every attack and of AutoAttack (default: %(default)s)")
+    g.add_argument("--step-size", type=nonneg_float, default=2.0,
+                   help="step size of PGD-20 and CW-20 (default: %(default)s)")
+    g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS,
+                   help="AutoAttack version: standard (the paper's and RobustBench's), plus, rand, or custom "
+                        "(--aa-attacks with pyautoattack's default settings of each, for quick looks)")
+    g.add_argument("--aa-attacks", type=comma_list(AA_ATTACKS), default=None,
+                   help=f"with --aa-version custom: any of {','.join(AA_ATTACKS)} (default: apgd-ce,apgd-t)")
+
+
+def add_data_arguments(p):
+    pos_int = utils.positive(int)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=str, default=None, choices=utils.DATASETS,
+                   help="test set to evaluate on (default: the checkpoint's own data set; cifar10 for plain "
+                        "state_dicts)")
+    g.add_argument("--data-dir", type=str, default=None,
+                   help="where the data set lives (default: the checkpoint's own --data-dir, else ./data)")
+    g.add_argument("--image-size", type=pos_int, default=None,
+                   help="resize image-folder images to this size (default: the checkpoint's own --image-size)")
+    g.add_argument("--n-examples", type=pos_int, default=None, help="evaluate N test images (default: all of them)")
+    g.add_argument("--subset", type=str, default=None, choices=("first", "fixed"),
+                   help="which N: the first N test images (default for cifar10/cifar100/svhn, as AutoAttack's eval.py "
+                        "and RobustBench), or sorted(utils.fixed_subset(n_test, N)), the same for every seed (default "
+                        "for imagefolder/synthetic, whose images are ordered by class)")
+    g.add_argument("--batch-size", type=pos_int, default=250,
+                   help="batch size of every attack, AutoAttack's included (250 is pyautoattack's own default)")
+
+
+def add_foreign_arguments(p):
+    pos_int = utils.positive(int)
+    pos_float = utils.positive(float)
+    g = p.add_argument_group("plain state_dicts from other projects")
+    g.add_argument("--arch", type=str, default=None, choices=utils.ARCHS,
+                   help="read the checkpoints as plain state_dicts of this network (bare, or under 'state_dict'/"
+                        "'model'/'net', 'module.' prefixes stripped)")
+    g.add_argument("--num-classes", type=pos_int, default=None,
+                   help="outputs of that network (default: read from its last layer)")
+    g.add_argument("--input-normalization", type=str, default=None, choices=tuple(NORMALIZATIONS),
+                   help="how that network normalises its [0,1] input: none (default; TRADES, MART and AutoAttack's "
+                        "example models take raw [0,1] images) or the channel statistics of a data set")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="explicit normalisation mean of that network (with --std), instead of --input-normalization")
+    g.add_argument("--std", type=pos_float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="explicit normalisation standard deviation of that network")
+    g.add_argument("--unsafe-load", action="store_true",
+                   help="allow a plain checkpoint that pickles Python objects (torch.load weights_only=False): it can "
+                        "run code, so only for files you trust")
+
+
+def add_run_arguments(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the attacks' random starts and of AutoAttack (default: %(default)s; re-set before "
+                        "every measurement, so each number does not depend on what was measured before it)")
+    g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--amp", action="store_true",
+                   help="run the model under bf16 autocast in every attack and AutoAttack (faster on a GPU, but the "
+                        "numbers are not the fp32 ones papers report: off by default, and marked in the results)")
+    g.add_argument("--out", type=str, default=None,
+                   help="JSON file for all numbers (default: RUN_DIR/eval.json, or CHECKPOINT's name with .eval.json); "
+                        "with --table, the markdown file to write")
+    g.add_argument("--table", action="store_true",
+                   help="gather the JSON files of the given run folders into one markdown table shaped like Table I")
+
+
+def add_landscape_arguments(p):
+    pos_int = utils.positive(int)
+    nonneg_int = utils.non_negative(int)
+    pos_float = utils.positive(float)
+    g = p.add_argument_group("loss landscape (Fig. 8): L(theta + a*d1 + b*d2), PGD adversarial CE on a fixed batch")
+    g.add_argument("--landscape", action="store_true",
+                   help="compute it for final.pt of each run folder (or each given checkpoint); writes .npz and .png")
+    g.add_argument("--landscape-steps", type=pos_int, default=21,
+                   help="grid points along each direction (default: %(default)s)")
+    g.add_argument("--landscape-range", type=pos_float, default=1.0,
+                   help="a and b run over [-range, range] (default: %(default)s)")
+    g.add_argument("--landscape-batch", type=pos_int, default=256,
+                   help="the fixed batch: the first N of the evaluated test images (default: %(default)s)")
+    g.add_argument("--landscape-pgd-steps", type=nonneg_int, default=20,
+                   help="PGD steps of the landscape's attack (default: %(default)s)")
+
+
+def validate(args):
+    if args.attacks is None:
+        args.attacks = [] if args.landscape else list(ATTACKS)
+    if args.aa_version == "custom":
+        args.aa_attacks = args.aa_attacks or ["apgd-ce", "apgd-t"]
+    elif args.aa_attacks is not None:
+        raise utils.UserError(f"--aa-attacks needs --aa-version custom (version {args.aa_version} runs its own set)")
+    if (args.mean is None) != (args.std is None):
+        raise utils.UserError("--mean and --std go together")
+    if args.mean is not None and args.input_normalization is not None:
+        raise utils.UserError("give either --input-normalization or --mean/--std, not both")
+    foreign_flags = [flag for flag, value in (("--num-classes", args.num_classes), ("--mean", args.mean),
+                                              ("--input-normalization", args.input_normalization)) if value is not None]
+    if foreign_flags and args.arch is None and not args.table:
+        raise utils.UserError(f"{foreign_flags[0]} describes a plain state_dict and needs --arch; checkpoints of this "
+                              "project carry their own architecture and normalisation")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
         return table_mode(args)
     device = utils.pick_device(args.device)
     utils.seed_everything(args.seed)
-    eps, step = args.epsilon / 255, args.step_size / 255
-
     # every checkpoint is read first: bad input stops here, before any data is loaded or number computed
     jobs = resolve_inputs(args.paths, args.out)
     models = {str(ckpt): load_model(ckpt, args) for _, checkpoints, _, _ in jobs for _, ckpt in checkpoints}
-    datasets, written, new_rows, measured = {}, [], [], {}
+    cache, measured, new_rows, written = {}, {}, [], []
     for run, checkpoints, json_path, is_run_dir in jobs:
-        saved = read_results(json_path)
-        for role, ckpt in checkpoints:
-            # the landscape of a run is the one of its final weights, as the paper's Fig. 8
-            landscape = args.landscape and (role != "best" or len(checkpoints) == 1)
-            if not args.attacks and not landscape:
-                continue
-            model, info = models[str(ckpt)]
-            dataset = args.dataset or info["dataset"] or "cifar10"
-            data_dir = args.data_dir or (info["data_dir"] if dataset == info["dataset"] else None) or "./data"
-            image_size = args.image_size or (info["image_size"] if dataset == info["dataset"] else None)
-            key = (dataset, str(data_dir), image_size)
-            if key not in datasets:
-                datasets[key] = utils.load_dataset(dataset, data_dir, image_size)
-            data = datasets[key]
-            if data.num_classes != info["num_classes"]:
-                raise utils.UserError(f"{ckpt} has {info['num_classes']} outputs but {dataset} has {data.num_classes} "
-                                      "classes (--dataset? --num-classes?)")
-            if info["image_shape"] and tuple(info["image_shape"]) != tuple(data.image_shape):
-                raise utils.UserError(f"{ckpt} was trained on {tuple(info['image_shape'])} images but {dataset} holds "
-                                      f"{tuple(data.image_shape)} (--image-size?)")
-            subset = args.subset or ("first" if dataset in ("cifar10", "cifar100", "svhn") else "fixed")
-            idx = pick_examples(data, args.n_examples, subset)
-            subset = "all" if len(idx) == len(data.x_test) else subset
-            x, y = data.x_test[idx], data.y_test[idx]
-            model.to(device)
-            attacked = Bf16Autocast(model) if args.amp else model
-            epoch = f", epoch {info['epoch']}" if info["epoch"] else ""
-            which = "all" if subset == "all" else f"{subset} subset"
-            print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(idx)} {dataset} test images ({which}), "
-                  f"{device}{', bf16 autocast' if args.amp else ''}")
-            common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
-                      "arch": info["arch"], "epoch": info["epoch"], "dataset": dataset, "subset": subset, "n": len(idx),
-                      "seed": args.seed, "batch_size": args.batch_size, "device": str(device), "amp": args.amp}
-
-            for attack in args.attacks:
-                utils.seed_everything(args.seed)  # each number is reproducible on its own
-                start = time.time()
-                row = {**common, "attack": attack, "epsilon": 0.0 if attack == "clean" else eps,
-                       "epsilon_255": 0.0 if attack == "clean" else args.epsilon}
-                # best.pt and final.pt are often the same epoch: the same weights and seed give the same number
-                same = (info["fingerprint"], key, tuple(idx.tolist()), attack)
-                if same in measured:
-                    earlier = measured[same]
-                    row.update({k: v for k, v in earlier.items() if k not in common and k != "seconds"},
-                               seconds=0.0, same_weights_as=earlier["checkpoint"])
-                elif attack == "aa":
-                    correct, ran = autoattack_accuracy(attacked, utils.to_float(x), y, eps, args.aa_version,
-                                                       args.aa_attacks, args.seed, args.batch_size, device)
-                    row.update(aa_version=args.aa_version, aa_attacks=ran)
-                else:
-                    correct = attack_accuracy(attacked, x, y, attack, eps, step, args.batch_size, device,
-                                              desc=f"{role} {attack}")
-                    if attack != "clean":
-                        row.update(steps=20, step_size_255=args.step_size)
-                if same not in measured:
-                    row.update(accuracy=correct / len(idx), correct=correct, seconds=time.time() - start)
-                    measured[same] = row
-                correct = row["correct"]
-                print(f"  {role:10s} {attack:6s} {100 * row['accuracy']:6.2f}%  ({correct}/{len(idx)}, "
-                      f"{row['seconds']:.1f} s)", flush=True)
-                new_rows.append(row)
-                saved["results"] = [r for r in saved["results"] if (r["run"], r["role"], r["attack"]) !=
-                                    (run, role, attack)] + [row]
-                save_results(saved, json_path)  # after every number: a crash keeps what was measured
-
-            if landscape:
-                # files beside the results: RUN_DIR/final.landscape.npz, CKPT_NAME.landscape.npz, or with --out
-                # OUT_DIR/RUN_NAME.final.landscape.npz
-                name = Path(ckpt).stem if not is_run_dir else role if args.out is None else f"{Path(run).name}.{role}"
-                entry = landscape_for(model, x, y, args, device, common, json_path.parent / f"{name}.landscape")
-                saved["landscapes"] = [e for e in saved["landscapes"] if (e["run"], e["role"]) != (run, role)] + [entry]
-                save_results(saved, json_path)
-            model.cpu()
+        new_rows += evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache, measured)
         if json_path not in written:
             written.append(json_path)
         print(f"wrote {json_path}")
-
     if new_rows:
         runs = list(dict.fromkeys(r["run"] for r in new_rows))
         all_rows = [r for p in written for r in read_results(p)["results"] if r["run"] in runs]

@@ -27,6 +27,7 @@ is given. The MLP has no BatchNorm, so train/eval mode does not matter.
     python toy_example.py --seeds 5       # mean +- std over 5 seeds (data, weights, batches)
 """
 
+import argparse
 import math
 import os
 import sys
@@ -47,7 +48,7 @@ METHOD_LABELS = {"pgd-at": "PGD-AT", "piat": "PIAT", "alp": "ALP", "nmse": "NMSE
 METHOD_COLORS = {"pgd-at": "C3", "piat": "C0", "alp": "C2", "nmse": "C1", "piat+nmse": "C4"}
 
 
-class HelpFormatter(utils.argparse.RawDescriptionHelpFormatter, utils.argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every flag's default in --help."""
 
 

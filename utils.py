@@ -8,10 +8,13 @@ AutoAttack never see normalised pixels.
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +58,39 @@ def positive(kind):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def add_run_arguments(parser, exp_name):
+    """The "run" flags of every training script: what the run is called, its seed, device and folder."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--exp-name", type=str, default=exp_name,
+                   help="name used in the run folder (default: the script's name)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random number generator (default 0)")
+    g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--out-dir", type=str, default=None,
+                   help="run folder (default: runs/<dataset>__<exp-name>__<seed>__<unix time>)")
+    g.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
+                   help="continue the interrupted run in RUN_DIR from its final.pt, with the flags it was started with")
+
+
+def add_data_arguments(parser):
+    """The "data" flags of every training script."""
+    pos_int, nonneg_int = positive(int), non_negative(int)
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", type=str, default="cifar10", choices=DATASETS,
+                   help="cifar10/cifar100/svhn are downloaded into --data-dir; imagefolder reads --data-dir/train and "
+                        "--data-dir/test; synthetic is a small learnable set made in memory")
+    g.add_argument("--data-dir", type=str, default=None,
+                   help="where data sets are stored or downloaded (default: ./data, or the resumed run's)")
+    g.add_argument("--image-size", type=pos_int, default=None, help="resize image-folder images to this size")
+    g.add_argument("--train-size", type=pos_int, default=None, help="train on a fixed subset of N images")
+    g.add_argument("--val-size", type=nonneg_int, default=0,
+                   help="hold out N training images and select best.pt on the evaluated model's PGD-20 accuracy on "
+                        "them instead of the test set's")
+    g.add_argument("--eval-size", type=pos_int, default=1000,
+                   help="evaluate after every epoch on a fixed subset of N test images (default 1000)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="turn off random crop (4-pixel padding) and horizontal flip (never used for SVHN)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,12 +594,28 @@ def save_checkpoint(checkpoint, path):
 CHECKPOINT_KEYS = ("model", "arch", "num_classes", "mean", "std", "args", "metrics", "epoch")
 
 
+def not_a_torch_file(path):
+    """Why `path` cannot be a file torch.save wrote (None when it may be one): torch.save writes a zip
+    archive (since torch 1.6) or, in the legacy format, a pickle stream; anything else is not a checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"{path} is empty: not a checkpoint at all"
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    kind = "a text file" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a torch file"
+    return f"{path} is not a checkpoint at all ({kind}: torch.save writes a zip archive or a pickle)"
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by save_checkpoint; one clear UserError for a missing, truncated
-    or foreign file."""
+    or foreign file, or one that is no checkpoint at all."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
+    problem = not_a_torch_file(path)
+    if problem:
+        raise UserError(problem)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # never runs pickled code
     except Exception as err:
@@ -593,6 +645,168 @@ def resume_run(args, script):
     saved.update(resume=args.resume, device=args.device, out_dir=args.resume,
                  data_dir=args.data_dir or saved["data_dir"])
     return argparse.Namespace(**saved), checkpoint
+
+
+def make_run_dir(args):
+    """A new run folder (args.out_dir, or runs/<dataset>__<exp-name>__<seed>__<unix time>); one that
+    already holds a run is refused, so nothing is overwritten."""
+    if args.out_dir is None:
+        args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.out_dir)
+    if (run_dir / "final.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                        "or choose another --out-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def open_run_dir(args, resumed, is_main):
+    """The run folder: the resumed run's own, or (rank 0) a new one with args.json; None on other ranks."""
+    if resumed:
+        return Path(args.resume)
+    if not is_main:
+        return None
+    run_dir = make_run_dir(args)
+    save_json(vars(args), run_dir / "args.json")
+    return run_dir
+
+
+def load_resumed_state(model, state, args, what=None):
+    """model.load_state_dict(state) for --resume, or one UserError naming what does not fit."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        part = f": the {what}" if what else ""
+        reason = str(err).splitlines()[0]
+        raise UserError(f"{args.resume}/final.pt{part} does not fit a {args.arch}: {reason}") from None
+
+
+def selection_metric(args):
+    """The metrics.csv column best.pt is chosen on: held-out images when --val-size, else the test subset."""
+    return "val_pgd20_acc" if args.val_size else "test_pgd20_acc"
+
+
+def is_best(metrics, column):
+    """Whether the last row beats every earlier one on `column` (ties keep the earlier checkpoint)."""
+    return metrics[-1][column] > max((m[column] for m in metrics[:-1]), default=-1.0)
+
+
+def write_epoch(run_dir, checkpoint, resume_state, metrics, column, log, title):
+    """End of an epoch on rank 0: best.pt (when the epoch is the best so far) and final.pt with the training
+    state `resume_state`, each written atomically; then the metrics.csv row and curves.png. Checkpoints
+    first, so a crash never leaves a logged row without its weights."""
+    if is_best(metrics, column):
+        save_checkpoint(checkpoint, run_dir / "best.pt")
+    save_checkpoint({**checkpoint, "resume": resume_state}, run_dir / "final.pt")
+    log.write(metrics[-1])
+    plot_curves(metrics, run_dir / "curves.png", title=title)
+
+
+def report_done(metrics, column, run_dir):
+    best = max(metrics, key=lambda m: m[column])
+    print(f"done: best {column} {best[column]:.4f} at epoch {best['epoch']}, final {metrics[-1][column]:.4f}; "
+          f"outputs in {run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop's plumbing, shared by the three training scripts: data split, batches, the
+# network's roles (plain, compiled, DDP-wrapped), and the checks of a multi-process run
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_amp(args, device):
+    """--amp's default, settled once per run (and then stored in args.json and the checkpoints): bf16
+    autocast on CUDA, fp32 elsewhere."""
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+
+
+def check_processes(args, world_size, device):
+    """One UserError for settings this process layout cannot run, before any work."""
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} processes")
+    if getattr(args, "sync_bn", False) and device.type != "cuda":
+        raise UserError("--sync-bn needs one CUDA device per process")
+
+
+def split_data(data, args, device):
+    """Fixed subsets (the same for every seed): validation images held out of training, training
+    subset, and the evaluation subset of the test set. Moved to `device` once, as uint8."""
+    order = fixed_subset(len(data.x_train), None)
+    if args.val_size >= len(order):
+        raise UserError(f"--val-size {args.val_size} leaves no training images (the set has {len(order)})")
+    val_idx, train_idx = order[: args.val_size], order[args.val_size :]
+    if args.train_size is not None:
+        train_idx = train_idx[: args.train_size]
+    test_idx = fixed_subset(len(data.x_test), args.eval_size)
+    return {"train": (data.x_train[train_idx].to(device), data.y_train[train_idx].to(device)),
+            "val": (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device)),
+            "test": (data.x_test[test_idx].to(device), data.y_test[test_idx].to(device))}
+
+
+def prepare_module(model, args, device, world_size, channels_last=True):
+    """The model on `device`: channels_last on CUDA (faster convolutions), SyncBatchNorm with --sync-bn
+    under torchrun."""
+    model = model.to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(args, "sync_bn", False) and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+class Network(NamedTuple):
+    """One network in its three roles. `model` holds the weights: saved, interpolated, averaged.
+    `for_attack` is what the attacks and the evaluation call: the model, compiled with --compile.
+    `for_step` is what the training step's forward passes call: wrapped in DistributedDataParallel
+    under torchrun, so that DDP's gradient hooks see only them (compiled too with --compile)."""
+
+    model: nn.Module
+    for_attack: nn.Module
+    for_step: nn.Module
+
+
+def wrap_network(model, compile=False, world_size=1):
+    """The Network of `model` (see Network)."""
+    for_attack = for_step = torch.compile(model) if compile else model
+    if world_size > 1:
+        for_step = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        for_step = torch.compile(for_step) if compile else for_step
+    return Network(model, for_attack, for_step)
+
+
+def steps_per_epoch(n_train, batch_size, world_size=1):
+    """Batches per epoch; under torchrun every rank takes the same number of equal steps, so the last
+    partial batch is dropped."""
+    return math.ceil(n_train / batch_size) if world_size == 1 else n_train // batch_size
+
+
+def epoch_batches(x_train, y_train, args, epoch, flip, rank=0, world_size=1, channels_last=True):
+    """The (step, x, y) of one epoch, x float in [0, 1]. One permutation per epoch, seeded from --seed and
+    the epoch, so it is the same on every rank and after --resume without saving any state; each rank
+    takes its share of every global batch; augmented on the device. A progress bar on rank 0."""
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+    order = order.to(x_train.device)
+    n_steps = steps_per_epoch(len(x_train), args.batch_size, world_size)
+    for i in progress(range(n_steps), desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0 or None):
+        idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
+        x = x_train[idx]
+        x = to_float(augment(x, flip=flip) if args.augment else x)
+        if channels_last and x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield i, x, y_train[idx]
+
+
+def check_ranks_agree(models, names, world_size):
+    """At the end of a torchrun run: every rank must hold bit-identical `models` (compared by fingerprint;
+    `names` says what each is); rank 0 prints the check. A plain run has nothing to compare."""
+    fingerprints = gather_objects(tuple(state_fingerprint(m) for m in models))
+    if world_size == 1 or dist.get_rank() != 0:
+        return
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"the {world_size} ranks ended with different {', '.join(names)}: {fingerprints}")
+    also = f", and the {', '.join(names[1:])} too" if len(names) > 1 else ""
+    print(f"{names[0]} identical on all {world_size} ranks (sha256 {fingerprints[0][0][:16]}){also}")
 
 
 class MetricsLog:

@@ -69,7 +69,7 @@ def ours(args, device, model, data):
     amp = device.type == "cuda" if args.amp is None else args.amp
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    attacked = torch.compile(model) if args.compile else model
+    net = utils.wrap_network(model, compile=args.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     order = torch.randperm(len(x_train), device=device)
@@ -80,7 +80,7 @@ def ours(args, device, model, data):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _, _ = train_piat.training_loss(attacked, x, y_train[idx], train_args, epoch=0)
+            loss, _, _ = train_piat.training_loss(net, x, y_train[idx], train_args, epoch=0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -157,8 +157,8 @@ def test_amp_is_opt_in_runs_the_model_in_bf16_and_is_marked(undefended, tmp_path
     """--amp: every attack sees the model through Bf16Autocast (bf16 inside, fp32 logits out), the rows
     say so and the table notes it; without it the model the attacks get is the fp32 one."""
     seen = []
-    real = ev.attack_accuracy
-    monkeypatch.setattr(ev, "attack_accuracy", lambda *a, **k: seen.append(a[0]) or real(*a, **k))
+    real = ev.attack_flags
+    monkeypatch.setattr(ev, "attack_flags", lambda *a, **k: seen.append(a[0]) or real(*a, **k))
     flags = ["--attacks", "clean,pgd20", "--n-examples", "64", *CPU]
     fp32 = rows_by(ev.main([str(undefended / "final.pt"), *flags, "--out", str(tmp_path / "fp32.json")])["rows"],
                    "attack")
@@ -203,8 +203,8 @@ def test_identical_best_and_final_are_measured_once(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train_piat.main([*TINY, "--epochs", "1", "--out-dir", str(run)])  # one epoch: best = final
     calls = []
-    real = ev.attack_accuracy
-    monkeypatch.setattr(ev, "attack_accuracy", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = ev.attack_flags
+    monkeypatch.setattr(ev, "attack_flags", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     result = ev.main([str(run), "--attacks", "clean,pgd20", "--n-examples", "32", *CPU])
     rows = rows_by(result["rows"], "role", "attack")
     assert calls == ["clean", "pgd20"]
@@ -369,6 +369,13 @@ def test_more_bad_input_in_process(tmp_path, undefended, capsys):
     (tmp_path / "half.pt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(utils.UserError, match="not a readable checkpoint"):
         ev.main([str(tmp_path / "half.pt"), *CPU])
+    (tmp_path / "notes.txt").write_text("hello, not a checkpoint\n")  # neither a zip archive nor a pickle
+    for extra in ([], ["--arch", "resnet18"]):
+        with pytest.raises(utils.UserError, match=r"notes.txt is not a checkpoint at all \(a text file"):
+            ev.main([str(tmp_path / "notes.txt"), *extra, *CPU])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(utils.UserError, match="empty.pt is empty: not a checkpoint at all"):
+        ev.main([str(tmp_path / "empty.pt"), *CPU])
     with pytest.raises(utils.UserError, match="is a checkpoint of this project"):
         ev.main([str(undefended / "best.pt"), "--arch", "small-cnn", *CPU])
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "nothing.pt")

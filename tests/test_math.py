@@ -1,4 +1,4 @@
-"""The named functions of train_piat.py against METHOD.md's formulas, computed here directly."""
+"""The named functions of train_piat.py against the formulas of docs/method.md, computed here directly."""
 
 import math
 from types import SimpleNamespace
@@ -254,7 +254,7 @@ def test_each_loss_uses_its_papers_attack_and_formula(monkeypatch, trained_model
     args = SimpleNamespace(loss=loss, epsilon=8, step_size=2, pgd_steps=3, lam=2.0, beta=6.0, mail_bias=-1.5,
                            mail_slope=1.0, mail_burn_in=5)
     torch.manual_seed(0)
-    value, logits_adv, logits_clean = tp.training_loss(model, x, y, args, epoch=7)
+    value, logits_adv, logits_clean = tp.training_loss(utils.Network(model, model, model), x, y, args, epoch=7)
     assert calls == [(attack, start, False)]  # BatchNorm in eval mode while attacking
     assert model.training
     expected = {
@@ -269,7 +269,7 @@ def test_each_loss_uses_its_papers_attack_and_formula(monkeypatch, trained_model
     assert value.requires_grad
     model.eval()
     if loss == "mail":  # during the burn-in, plain adversarial CE
-        value, logits_adv, _ = tp.training_loss(model, x, y, args, epoch=4)
+        value, logits_adv, _ = tp.training_loss(utils.Network(model, model, model), x, y, args, epoch=4)
         assert torch.allclose(value, F.cross_entropy(logits_adv, y))
         model.eval()
 

@@ -71,7 +71,7 @@ def test_ema_update_against_direct_computation():
 
 
 def test_mix_global_against_method_md():
-    """theta_G <- d * theta_G + (1 - d) * (beta * ema_R + (1 - beta) * ema_N) (METHOD.md, RDAT), over
+    """theta_G <- d * theta_G + (1 - d) * (beta * ema_R + (1 - beta) * ema_N) (docs/method.md §10), over
     parameters and BatchNorm statistics, with the global learner's own decay ramp."""
     glob, ema_r, ema_n = tiny_model(2), tiny_model(3), tiny_model(4)
     g0, r, n = snapshot(glob), snapshot(ema_r), snapshot(ema_n)

@@ -109,7 +109,7 @@ def test_training_step_after_the_attack_has_complete_gradients(monkeypatch):
     for loss in tv.LOSSES:
         args = step_args(loss=loss)
         model.zero_grad(set_to_none=True)
-        out, logits_adv, logits_clean = tv.training_loss(model, x, y, args, progress=0.5)
+        out, logits_adv, logits_clean = tv.training_loss(utils.Network(model, model, model), x, y, args, progress=0.5)
         assert hook_count(model) == 0 and model.training
         out.backward()
         for name, p in model.named_parameters():
@@ -141,7 +141,7 @@ def test_prm_masks_delta_before_every_forward_and_keeps_it_in_the_ball(monkeypat
     real_mask = tv.patch_mask
     monkeypatch.setattr(tv, "patch_mask", lambda *a: (masks.append(real_mask(*a)), masks[-1])[1])
     args = step_args(loss="ce", pgd_steps=4, ard=False)
-    tv.training_loss(model, x, y, args, progress=1.0)  # fraction 1 - 1/4
+    tv.training_loss(utils.Network(model, model, model), x, y, args, progress=1.0)  # fraction 1 - 1/4
     assert len(inputs) == 6  # 4 attack steps, the clean forward, the training forward of x'
     x_adv = inputs[-1]
     assert len(masks) == 4 and len({tuple(m.flatten().tolist()) for m in masks}) == 4  # redrawn every step
@@ -158,7 +158,7 @@ def test_prm_masks_delta_before_every_forward_and_keeps_it_in_the_ball(monkeypat
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     # after the warm-up there is no mask
     masks.clear()
-    tv.training_loss(model, x, y, args, progress=4.0)
+    tv.training_loss(utils.Network(model, model, model), x, y, args, progress=4.0)
     assert masks == []
 
 
