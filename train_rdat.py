@@ -514,7 +514,7 @@ def announce(args, n_train, world_size, device, run_dir):
     print(f"{args.arch} on {args.dataset}: {n_train} training images, {args.method} (lam {args.lam:g}), "
           f"redistribution {args.redistribute_mode}"
           f"{f' on epochs {shown}' if args.redistribute_mode != 'off' and schedule else ''}, {args.epochs} epochs "
-          f"on {world_size} x {device}{', bf16' if args.amp else ''}{', compiled' if args.compile else ''}; "
+          f"on {world_size} x {device}, {utils.precision(args.amp, device)}{', compiled' if args.compile else ''}; "
           f"writing {run_dir}")
 
 
@@ -549,7 +549,9 @@ def add_speed_arguments(p):
     g = p.add_argument_group("speed (multi-GPU: torchrun --nproc_per_node=N train_rdat.py ...)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast for both learners' training steps and the training attack (default: on "
-                        "for CUDA, off on CPU); the EMAs, the mixing and the per-epoch evaluation always run in fp32")
+                        "where bf16 is native: CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16; fp32 elsewhere; "
+                        "--amp and --no-amp force it); the EMAs, the mixing and the per-epoch evaluation always run "
+                        "in fp32")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile both learners and the global learner (the attacks run compiled too)")
     g.add_argument("--sync-bn", action="store_true",

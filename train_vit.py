@@ -586,7 +586,7 @@ def announce(args, n_train, world_size, device, run_dir):
     print(f"{args.arch} ({args.img_size}x{args.img_size}, patch {args.patch_size}, {start}) on {args.dataset}: "
           f"{n_train} training images, loss {args.loss}, A&P {ap} (warm-up {args.ap_warmup_epochs:g} epochs), "
           f"PIAT {'on' if args.piat else 'off'}, {args.epochs} epochs on {world_size} x {device}"
-          f"{', bf16' if args.amp else ''}{', compiled' if args.compile else ''}; writing {run_dir}")
+          f", {utils.precision(args.amp, device)}{', compiled' if args.compile else ''}; writing {run_dir}")
 
 
 def print_epoch(row, args):
@@ -620,8 +620,9 @@ def parse_args(argv=None):
 def add_speed_arguments(p):
     g = p.add_argument_group("speed (multi-GPU: torchrun --nproc_per_node=N train_vit.py ...)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast for training and the training attack (default: on for CUDA, off on CPU); "
-                        "the per-epoch evaluation always runs in fp32")
+                   help="bfloat16 autocast for training and the training attack (default: on where bf16 is native: "
+                        "CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16; fp32 elsewhere; --amp and --no-amp force "
+                        "it); the per-epoch evaluation always runs in fp32")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (the attack runs compiled too, except while ARD's backward hooks "
                         "are active: those attack steps run eagerly)")

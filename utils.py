@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import platform
 import random
 import tempfile
 import time
@@ -714,11 +715,37 @@ def report_done(metrics, column, run_dir):
 # ----------------------------------------------------------------------------------------------
 
 
+def bf16_is_native(device):
+    """Whether `device` computes in bf16 in hardware: CUDA, and CPUs with bf16 dot-product instructions
+    (x86: AVX512_BF16, or AMX; ARM: the BF16 extension). torch.ops.mkldnn._is_mkldnn_bf16_supported() is not
+    this question on x86: it holds on every AVX-512 CPU, also those without bf16 instructions (Skylake,
+    Cascade Lake), where oneDNN emulates bf16 by converting to fp32 and back. On ARM it is the BF16
+    extension itself."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False  # bf16 convolutions and matrix products on the CPU go through oneDNN
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return machine in ("aarch64", "arm64") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_amp(args, device):
     """--amp's default, settled once per run (and then stored in args.json and the checkpoints): bf16
-    autocast on CUDA, fp32 elsewhere."""
+    autocast where bf16 is native (bf16_is_native), fp32 elsewhere. --amp and --no-amp force it; a
+    resumed run keeps its own."""
     if args.amp is None:
-        args.amp = device.type == "cuda"
+        args.amp = bf16_is_native(device)
+
+
+def precision(amp, device):
+    """How the training step computes, for the line a run starts with: bf16 autocast or fp32, and why."""
+    where = "CUDA" if device.type == "cuda" else f"this {device.type.upper()}"
+    native = bf16_is_native(device)
+    if amp:
+        return f"bf16 autocast ({'native' if native else '--amp; not native'} on {where})"
+    return f"fp32 ({'--no-amp; bf16 is native' if native else 'no native bf16'} on {where})"
 
 
 def check_processes(args, world_size, device):

@@ -1,15 +1,18 @@
-"""Training throughput of train_piat.py against a conventional adversarial-training loop.
+"""Training throughput of train_piat.py against two adversarial-training loops as users write them.
 
-Both run one PGD-10 PIAT+NMSE training step per batch on the same model, batch and machine:
+All three run one PGD-10 PIAT+NMSE training step per batch on the same model, batch and machine:
 - "ours": train_piat.py's own step: images held on the device as uint8 and augmented there,
-  the attack taking gradients with respect to the input only, bf16 autocast (--amp, default on
-  CUDA), channels_last on CUDA, optionally torch.compile;
-- "conventional": what most public adversarial-training code does: a DataLoader with torchvision
-  transforms on PIL images, fp32, and an attack that calls loss.backward() at every step (so it
-  also computes weight gradients it throws away).
+  the attack taking gradients with respect to the input only, bf16 autocast where bf16 is native
+  (--amp: CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16; the training scripts' rule),
+  channels_last on CUDA (--channels-last measures it on a CPU), optionally torch.compile;
+- "efficient-peer": the efficient public idiom (TRADES's code): a DataLoader with torchvision
+  transforms on PIL images, fp32, an attack that takes torch.autograd.grad with respect to the
+  input only (no weight gradients), BatchNorm in eval mode while attacking;
+- "conventional": the naive loop much public code runs: the same DataLoader, fp32, and an attack
+  that calls loss.backward() at every step (so it also computes weight gradients it throws away).
 Each variant runs in its own child process, so peak memory is measured per variant (CUDA:
 max_memory_allocated; CPU: the child's peak resident set). The parent prints a table and the
-ratio, and times evaluate.py's PGD-20 per image as well.
+ratio of ours against each loop, and times evaluate.py's PGD-20 per image as well.
 
     python benchmarks/bench_train.py --arch resnet18 --batch-size 128 --device cuda
     python benchmarks/bench_train.py --arch small-cnn --batch-size 64 --warmup 2 --steps 5   # CPU
@@ -33,6 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 import train_piat  # noqa: E402
 import utils  # noqa: E402
 
+VARIANTS = ("ours", "efficient-peer", "conventional")  # the training steps compared
+
 
 def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,30 +49,36 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=utils.positive(int), default=30, help="timed steps")
     p.add_argument("--pgd-steps", type=utils.non_negative(int), default=10, help="steps of the training attack")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast in our step (default: on for CUDA, off on CPU); the conventional loop is fp32")
+                   help="bf16 autocast in our step (default: on where bf16 is native, as in the training scripts: "
+                        "CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16); both peer loops run in fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last model and images in our step (default: on for CUDA, off on CPU, as in the "
+                        "training scripts); the peer loops keep the default layout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
     p.add_argument("--workers", type=utils.non_negative(int), default=2,
-                   help="DataLoader workers of the conventional loop")
+                   help="DataLoader workers of the peer loops")
     p.add_argument("--eval-images", type=utils.positive(int), default=256,
                    help="images for timing evaluate.py's PGD-20")
     p.add_argument("--peak-tflops", type=utils.positive(float), default=989.0,
                    help="the device's dense bf16 peak in TFLOP/s, for the achieved fraction (H100/H200 SXM: 989)")
     p.add_argument("--out", type=str, default=None, help="also write the results as JSON here")
-    p.add_argument("--variant", type=str, default=None, choices=["ours", "conventional", "eval-pgd20"],
+    p.add_argument("--variant", type=str, default=None, choices=VARIANTS + ("eval-pgd20",),
                    help="internal: measure one variant in this process and print its JSON")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
-# The two training steps
+# The three training steps
 # ----------------------------------------------------------------------------------------------
 
 
 def ours(args, device, model, data):
     """train_piat.py's batch loop body, called through its own functions."""
     train_args = train_piat.parse_args(["--arch", args.arch, "--loss", "nmse", "--pgd-steps", str(args.pgd_steps)])
-    amp = device.type == "cuda" if args.amp is None else args.amp
-    if device.type == "cuda":
+    utils.resolve_amp(args, device)  # the training scripts' rule
+    amp = args.amp
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = utils.wrap_network(model, compile=args.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
@@ -77,7 +88,7 @@ def ours(args, device, model, data):
     def step(i):
         idx = order[(i * args.batch_size) % len(x_train):][: args.batch_size]
         x = utils.to_float(utils.augment(x_train[idx], flip=True))
-        if device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, _, _ = train_piat.training_loss(net, x, y_train[idx], train_args, epoch=0)
@@ -85,7 +96,7 @@ def ours(args, device, model, data):
         loss.backward()
         optimizer.step()
 
-    return step, {"amp": amp, "compile": args.compile, "channels_last": device.type == "cuda"}
+    return step, {"amp": amp, "compile": args.compile, "channels_last": channels_last}
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -108,23 +119,65 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def conventional(args, device, model, data):
-    """A conventional PGD-AT + NMSE loop (DataLoader, fp32, attack through loss.backward())."""
+def pil_batches(args, device, data):
+    """next_batch() of the peer loops: (x, y) on the device from a shuffling DataLoader over PIL images,
+    started again when it runs out."""
     loader = torch.utils.data.DataLoader(PILImages(data.x_train, data.y_train), batch_size=args.batch_size,
                                          shuffle=True, num_workers=args.workers, drop_last=True,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
-    eps, alpha = 8 / 255, 2 / 255
     batches = iter(())
 
-    def step(i):
+    def next_batch():
         nonlocal batches
         try:
             x, y = next(batches)
         except StopIteration:
             batches = iter(loader)
             x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return next_batch
+
+
+def peer_nmse_step(model, optimizer, x, x_adv, y):
+    """The peer loops' training step, the same PIAT+NMSE step as ours: NMSE (lam 4) on x' and x, in train mode."""
+    model.train()
+    logits_clean, logits_adv = model(x), model(x_adv)
+    loss = F.cross_entropy(logits_adv, y) + 4.0 * train_piat.nmse_loss(logits_adv, logits_clean, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def efficient_peer(args, device, model, data):
+    """The efficient peer loop (TRADES's idiom): DataLoader, fp32, BatchNorm in eval mode while attacking, and
+    an attack through torch.autograd.grad with respect to the input only, so no weight gradients."""
+    next_batch = pil_batches(args, device, data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+    eps, alpha = 8 / 255, 2 / 255
+
+    def step(i):
+        x, y = next_batch()
+        model.eval()
+        x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(args.pgd_steps):
+            x_adv.requires_grad_(True)
+            loss = F.cross_entropy(model(x_adv), y)
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+        peer_nmse_step(model, optimizer, x, x_adv, y)
+
+    return step, {"amp": False, "compile": False, "channels_last": False, "workers": args.workers}
+
+
+def conventional(args, device, model, data):
+    """A conventional PGD-AT + NMSE loop (DataLoader, fp32, attack through loss.backward())."""
+    next_batch = pil_batches(args, device, data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
+    eps, alpha = 8 / 255, 2 / 255
+
+    def step(i):
+        x, y = next_batch()
         model.eval()
         delta = torch.empty_like(x).uniform_(-eps, eps)
         delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
@@ -133,12 +186,7 @@ def conventional(args, device, model, data):
             loss.backward()
             delta.data = ((x + (delta + alpha * delta.grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x)
             delta.grad.zero_()
-        model.train()
-        logits_clean, logits_adv = model(x), model(x + delta.detach())
-        loss = F.cross_entropy(logits_adv, y) + 4.0 * train_piat.nmse_loss(logits_adv, logits_clean, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        peer_nmse_step(model, optimizer, x, x + delta.detach(), y)
 
     return step, {"amp": False, "compile": False, "channels_last": False, "workers": args.workers}
 
@@ -183,7 +231,8 @@ def measure(args):
     data = utils.make_synthetic(train_size=n_images, test_size=args.eval_images)
     model = utils.build_model(args.arch, data.num_classes, data.mean, data.std).to(device)
     flops = forward_flops(model, device)
-    build = {"ours": ours, "conventional": conventional, "eval-pgd20": eval_pgd20}[args.variant]
+    build = {"ours": ours, "efficient-peer": efficient_peer, "conventional": conventional,
+             "eval-pgd20": eval_pgd20}[args.variant]
     step, settings = build(args, device, model, data)
     for i in range(args.warmup):
         step(i)
@@ -209,7 +258,8 @@ def measure(args):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    native = ", native bf16" if utils.bf16_is_native(device) else ", no native bf16"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads{native})"
 
 
 def run_child(args, argv, variant):
@@ -225,22 +275,24 @@ def main(argv=None):
     if args.variant:
         print(json.dumps(measure(args)))
         return None
-    results = {v: run_child(args, argv, v) for v in ("ours", "conventional", "eval-pgd20")}
-    ours_r, conv_r, eval_r = results["ours"], results["conventional"], results["eval-pgd20"]
-    ratio = ours_r["images_per_second"] / conv_r["images_per_second"]
+    results = {v: run_child(args, argv, v) for v in (*VARIANTS, "eval-pgd20")}
+    ours_r, eval_r = results["ours"], results["eval-pgd20"]
+    ratio = {peer: ours_r["images_per_second"] / results[peer]["images_per_second"] for peer in VARIANTS[1:]}
     # PGD-k AT: k attack steps of forward + input-gradient backward (~2 forward-equivalents each) and
     # a training step of forward + full backward (~3) on x', plus the same again on x for NMSE
     equivalents = 2 * args.pgd_steps + 3 + 3
     tflops = ours_r["images_per_second"] * equivalents * ours_r["forward_gflops_per_image"] / 1e3
-    summary = {"ratio": ratio, "forward_equivalents_per_image": equivalents, "achieved_tflops": tflops,
+    summary = {"ratio_vs_efficient_peer": ratio["efficient-peer"], "ratio_vs_conventional": ratio["conventional"],
+               "forward_equivalents_per_image": equivalents, "achieved_tflops": tflops,
                "fraction_of_peak": tflops / args.peak_tflops if ours_r["device"].startswith("cuda") else None}
     print(f"{args.arch}, batch {args.batch_size}, PGD-{args.pgd_steps} PIAT+NMSE step, {ours_r['device_name']}")
-    print(f"{'variant':<14}{'images/s':>10}{'ms/image':>10}{'peak MiB':>10}  settings")
-    for r in (ours_r, conv_r):
+    print(f"{'variant':<16}{'images/s':>10}{'ms/image':>10}{'peak MiB':>10}  settings")
+    for r in (results[v] for v in VARIANTS):
         flags = ", ".join(f"{k}={r[k]}" for k in ("amp", "compile", "channels_last", "workers") if k in r)
-        print(f"{r['variant']:<14}{r['images_per_second']:>10.1f}{r['ms_per_image']:>10.2f}"
+        print(f"{r['variant']:<16}{r['images_per_second']:>10.1f}{r['ms_per_image']:>10.2f}"
               f"{r['peak_memory_mib']:>10.0f}  {flags}")
-    print(f"ratio ours / conventional: {ratio:.2f}x")
+    print(f"ratio ours / efficient peer: {ratio['efficient-peer']:.2f}x")
+    print(f"ratio ours / conventional: {ratio['conventional']:.2f}x")
     print(f"evaluate.py PGD-20 (fp32): {eval_r['ms_per_image']:.2f} ms per image "
           f"({eval_r['images_per_second']:.1f} images/s)")
     peak = summary["fraction_of_peak"]

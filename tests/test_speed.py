@@ -1,5 +1,7 @@
-"""The speed paths on CPU: bf16 autocast on and off, and a 2-process gloo run under torchrun."""
+"""The speed paths on CPU: bf16 autocast on and off and its default, resume and evaluation under bf16, a
+2-process gloo run under torchrun, and the training-speed benchmark."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,22 +11,32 @@ import pytest
 import torch
 
 import train_piat as tp
+import train_rdat as tr
+import train_vit as tv
 import utils
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, kill_after_first_checkpoint, run_script
+
+CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("amp", ["--amp", "--no-amp"])
-def test_amp_paths_run(tmp_path, monkeypatch, amp):
-    autocast_seen = []
+def autocast_spy(monkeypatch):
+    """Record, for every training step of train_piat.py, whether bf16 autocast was on."""
+    seen = []
     real = tp.training_loss
 
     def spy(*args, **kwargs):
-        autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        seen.append(torch.is_autocast_enabled("cpu"))
         loss, logits_adv, logits_clean = real(*args, **kwargs)
         assert loss.dtype == logits_adv.dtype == torch.float32  # the losses themselves run in fp32
         return loss, logits_adv, logits_clean
 
     monkeypatch.setattr(tp, "training_loss", spy)
+    return seen
+
+
+@pytest.mark.parametrize("amp", ["--amp", "--no-amp"])
+def test_amp_paths_run(tmp_path, monkeypatch, amp):
+    autocast_seen = autocast_spy(monkeypatch)
     out = tmp_path / "run"
     tp.main([*TINY, "--epochs", "1", amp, "--out-dir", str(out)])
     assert autocast_seen and set(autocast_seen) == {amp == "--amp"}
@@ -33,10 +45,114 @@ def test_amp_paths_run(tmp_path, monkeypatch, amp):
     assert utils.load_checkpoint(out / "final.pt")["args"]["amp"] is (amp == "--amp")
 
 
-def test_amp_defaults_to_off_on_cpu(tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_default_follows_native_bf16(tmp_path, monkeypatch, capsys, native):
+    """Without --amp or --no-amp a run takes bf16 autocast exactly where bf16 is native (the capability is
+    mocked both ways, so this machine's own answer does not matter), says so in its first line, and stores
+    the resolved choice, not None, in args.json and the checkpoints."""
+    monkeypatch.setattr(utils, "bf16_is_native", lambda device: native)
+    autocast_seen = autocast_spy(monkeypatch)
     out = tmp_path / "run"
     tp.main([*TINY, "--epochs", "1", "--out-dir", str(out)])
-    assert utils.load_checkpoint(out / "final.pt")["args"]["amp"] is False
+    assert autocast_seen and set(autocast_seen) == {native}
+    assert json.loads((out / "args.json").read_text())["amp"] is native
+    for checkpoint in ("final.pt", "best.pt"):
+        assert utils.load_checkpoint(out / checkpoint)["args"]["amp"] is native
+    first_line = capsys.readouterr().out.splitlines()[0]
+    expected = "bf16 autocast (native on this CPU)" if native else "fp32 (no native bf16 on this CPU)"
+    assert expected in first_line and first_line.startswith("small-cnn on synthetic")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_flags_force_the_precision_in_every_training_script(monkeypatch, native):
+    monkeypatch.setattr(utils, "bf16_is_native", lambda device: native)
+    for script in (tp, tr, tv):
+        for flags, amp in (([], native), (["--amp"], True), (["--no-amp"], False)):
+            args = script.parse_args(["--dataset", "synthetic", *flags])
+            assert args.amp is (None if not flags else amp), (script.__name__, flags)
+            utils.resolve_amp(args, CPU)
+            assert args.amp is amp, (script.__name__, flags)
+    forced = utils.precision(not native, CPU)
+    assert forced == ("fp32 (--no-amp; bf16 is native on this CPU)" if native
+                      else "bf16 autocast (--amp; not native on this CPU)")
+
+
+def test_bf16_is_native_asks_for_bf16_instructions_not_onednn_emulation(monkeypatch):
+    """On x86, oneDNN's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) also holds on AVX-512 CPUs
+    without bf16 instructions, which emulate it; the rule asks for AVX512_BF16 (or AMX) instead."""
+    monkeypatch.setattr(utils.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, native in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda answer=avx512_bf16: answer)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda answer=amx: answer)
+        assert utils.bf16_is_native(CPU) is native, (avx512_bf16, amx)
+    assert utils.bf16_is_native(torch.device("cuda")) is True
+    assert utils.bf16_is_native(torch.device("meta")) is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert utils.bf16_is_native(CPU) is False  # bf16 kernels on the CPU come from oneDNN
+
+
+def test_bf16_run_resumes_bit_identically(tmp_path):
+    """A bf16 run (--amp: whatever this CPU) killed with SIGKILL in its last epoch and resumed ends with
+    exactly the weights and metrics of a bf16 run never stopped; the resumed run stays bf16."""
+    bf16_run = [*TINY, "--epochs", "2", "--train-size", "256", "--batch-size", "16", "--amp"]
+    whole = tmp_path / "whole"
+    tp.main([*bf16_run, "--out-dir", str(whole)])
+    killed = tmp_path / "killed"
+    stopped_after = kill_after_first_checkpoint(tp.__file__, bf16_run, killed)
+    assert stopped_after < 2, "the run finished before it could be killed; make bf16_run longer"
+    result = run_script(tp.__file__, "--resume", killed)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {killed} after epoch {stopped_after}" in result.stdout
+    assert "bf16 autocast" in result.stdout
+    a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
+    assert b["epoch"] == 2 and a["args"]["amp"] is b["args"]["amp"] is True
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    rows_a, rows_b = utils.read_metrics(whole / "metrics.csv"), utils.read_metrics(killed / "metrics.csv")
+    assert [r["epoch"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("lr", "alpha", "train_loss", "train_robust_acc", "test_clean_acc", "test_pgd20_acc"):
+            assert ra[key] == rb[key], key
+
+
+def test_per_epoch_evaluation_runs_in_fp32_under_amp(tmp_path, monkeypatch):
+    """With --amp the training attack and step compute their convolutions in bf16, the per-epoch evaluation
+    in fp32: every convolution it runs returns fp32, and a plain fp32 forward of the saved weights
+    reproduces the logged clean accuracy."""
+    conv_dtypes = {"training": set(), "evaluation": set()}
+    phase = ["training"]
+    real_evaluate = tp.evaluate
+
+    def evaluate(*args, **kwargs):
+        phase[0] = "evaluation"
+        try:
+            return real_evaluate(*args, **kwargs)
+        finally:
+            phase[0] = "training"
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            conv_dtypes[phase[0]].add(output.dtype)
+
+    monkeypatch.setattr(tp, "evaluate", evaluate)
+    out = tmp_path / "run"
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        tp.main([*TINY, "--epochs", "1", "--amp", "--out-dir", str(out)])
+    finally:
+        hook.remove()
+    assert conv_dtypes == {"training": {torch.bfloat16}, "evaluation": {torch.float32}}
+    final = utils.load_checkpoint(out / "final.pt")
+    model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
+    model.load_state_dict(final["model"])
+    data = utils.make_synthetic()
+    idx = utils.fixed_subset(len(data.x_test), 32)
+    with torch.no_grad():
+        clean = (model.eval()(utils.to_float(data.x_test[idx])).argmax(1) == data.y_test[idx]).float().mean().item()
+    assert clean == pytest.approx(final["metrics"][-1]["test_clean_acc"], abs=1e-6)
 
 
 def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
@@ -68,17 +184,55 @@ def test_batch_must_divide_among_processes(monkeypatch):
 
 
 def test_bench_train_runs_with_tiny_settings(tmp_path, root):
+    """Three variants in their own processes; without --amp our step takes the training scripts' rule
+    (bf16 where native), both peer loops fp32; --channels-last applies to our step only."""
     out = tmp_path / "bench.json"
     result = run_script(root / "benchmarks" / "bench_train.py", "--arch", "small-cnn", "--batch-size", "16",
                         "--warmup", "1", "--steps", "1", "--pgd-steps", "1", "--eval-images", "8", "--workers", "0",
-                        "--out", out)
+                        "--channels-last", "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "ratio ours / conventional:" in result.stdout and "evaluate.py PGD-20 (fp32):" in result.stdout
+    for line in ("ratio ours / efficient peer:", "ratio ours / conventional:", "evaluate.py PGD-20 (fp32):"):
+        assert line in result.stdout
     report = json.loads(out.read_text())
-    for variant in ("ours", "conventional", "eval-pgd20"):
+    for variant in ("ours", "efficient-peer", "conventional", "eval-pgd20"):
         assert report[variant]["images_per_second"] > 0 and report[variant]["peak_memory_mib"] > 0
         assert report[variant]["forward_gflops_per_image"] == pytest.approx(report["ours"]["forward_gflops_per_image"])
-    assert report["ours"]["amp"] is False and report["conventional"]["amp"] is False  # fp32 on CPU by default
-    assert report["summary"]["ratio"] == pytest.approx(
-        report["ours"]["images_per_second"] / report["conventional"]["images_per_second"])
+    assert report["ours"]["amp"] is utils.bf16_is_native(CPU)
+    assert report["efficient-peer"]["amp"] is report["conventional"]["amp"] is False
+    assert report["ours"]["channels_last"] is True
+    assert report["efficient-peer"]["channels_last"] is report["conventional"]["channels_last"] is False
+    for peer in ("efficient-peer", "conventional"):
+        assert report["summary"][f"ratio_vs_{peer.replace('-', '_')}"] == pytest.approx(
+            report["ours"]["images_per_second"] / report[peer]["images_per_second"])
     assert report["summary"]["forward_equivalents_per_image"] == 2 * 1 + 6
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("variant,weight_grads", [("efficient-peer", False), ("conventional", True)])
+def test_peer_loops_differ_only_in_their_attack(monkeypatch, variant, weight_grads):
+    """Both peer loops attack with BatchNorm in eval mode within the epsilon ball, then take the same
+    training step; only the naive one leaves weight gradients behind from its attack."""
+    bench = load_bench()
+    args = bench.parse_args(["--arch", "small-cnn", "--batch-size", "8", "--pgd-steps", "2", "--workers", "0"])
+    data = utils.make_synthetic(train_size=32, test_size=8)
+    model = utils.build_model("small-cnn", data.num_classes, data.mean, data.std)
+    seen = []
+
+    def training_step(model, optimizer, x, x_adv, y):
+        grads = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        seen.append((model.training, grads, (x_adv - x).abs().max().item(), x_adv.min().item(), x_adv.max().item()))
+
+    monkeypatch.setattr(bench, "peer_nmse_step", training_step)
+    step, settings = {"efficient-peer": bench.efficient_peer, "conventional": bench.conventional}[variant](
+        args, CPU, model, data)
+    step(0)
+    ((training, grads, distance, low, high),) = seen
+    assert training is False and grads is weight_grads
+    assert 0 < distance <= 8 / 255 + 1e-6 and 0 <= low and high <= 1
+    assert settings["amp"] is False and settings["channels_last"] is False

@@ -271,6 +271,7 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     assert row["alpha"] == pytest.approx(0.1) and 0 <= row["test_pgd20_acc"] <= row["test_clean_acc"] <= 1
     args = json.loads((out / "args.json").read_text())
     assert args["ard"] and args["prm"] and args["piat"] and args["model_kwargs"] == TINY_KWARGS
+    assert args["amp"] is utils.bf16_is_native(torch.device("cpu"))  # the default, resolved before args.json
     final = utils.load_checkpoint(out / "final.pt")
     assert final["script"] == "train_vit.py" and final["arch"] == "vit_tiny_patch16_224" and "resume" in final
     assert final["model_kwargs"] == {"img_size": 32, "patch_size": 4, **TINY_KWARGS}
