@@ -43,7 +43,38 @@ AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 NORMALIZATIONS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), **utils.CHANNEL_STATS}
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"state_dict": {...}} and the like
-LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL"}
+LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL",
+              "cfa": "CFA", "rat": "RAT"}
+# The PIAT paper's Table I (ResNet-18): dataset -> method -> (best, final, diff) for Clean, PGD20, CW, AA, in %
+PAPER_TABLE_I = {
+    "cifar10": {
+        "PGD-AT": [(84.28, 85.62, 1.34), (50.29, 45.86, 4.43), (49.31, 43.25, 6.06), (46.33, 41.36, 4.97)],
+        "ALP": [(79.74, 81.45, 1.71), (52.37, 48.62, 3.75), (49.60, 43.87, 5.73), (46.13, 41.88, 4.25)],
+        "TRADES": [(82.39, 83.04, 0.65), (53.60, 50.74, 2.86), (50.90, 49.04, 1.86), (48.04, 46.80, 1.24)],
+        "MART": [(81.91, 83.99, 2.08), (53.70, 48.63, 5.07), (49.35, 44.92, 4.43), (47.45, 43.65, 3.80)],
+        "MAIL": [(82.65, 85.17, 2.49), (51.15, 47.14, 4.01), (48.88, 44.38, 4.50), (45.16, 43.02, 2.14)],
+        "CFA": [(82.80, 83.88, 1.08), (53.24, 51.69, 1.55), (51.45, 49.97, 1.48), (48.40, 47.74, 0.64)],
+        "RAT": [(81.63, 82.61, 0.98), (52.25, 50.09, 2.16), (49.47, 47.93, 1.54), (45.20, 44.30, 0.90)],
+        "PIAT + NMSE": [(80.96, 82.84, 1.88), (53.74, 52.81, 0.93), (51.72, 50.49, 1.23), (48.80, 47.97, 0.83)]},
+    "cifar100": {
+        "PGD-AT": [(58.48, 58.53, 0.05), (28.36, 21.72, 6.64), (27.06, 21.12, 5.94), (23.85, 19.55, 4.30)],
+        "ALP": [(57.29, 58.65, 1.36), (28.12, 24.66, 3.46), (26.84, 22.17, 4.67), (23.57, 20.49, 3.08)],
+        "TRADES": [(56.71, 56.32, 0.39), (29.19, 27.70, 1.49), (26.05, 24.53, 1.52), (23.91, 22.70, 1.21)],
+        "MART": [(55.26, 57.77, 2.51), (30.10, 25.96, 4.14), (26.30, 23.79, 2.51), (24.13, 22.35, 1.78)],
+        "MAIL": [(58.73, 59.00, 0.27), (27.99, 24.69, 3.30), (26.28, 23.37, 2.91), (22.50, 20.86, 1.64)],
+        "CFA": [(56.28, 61.62, 5.34), (30.64, 29.74, 0.90), (27.74, 25.95, 1.79), (24.26, 21.58, 2.68)],
+        "RAT": [(53.35, 56.35, 3.00), (28.69, 27.67, 1.02), (25.52, 23.69, 1.83), (23.10, 22.40, 0.70)],
+        "PIAT + NMSE": [(56.04, 57.16, 1.12), (31.45, 30.87, 0.58), (28.74, 27.76, 1.02), (26.09, 25.13, 0.96)]},
+    "svhn": {
+        "PGD-AT": [(93.85, 94.33, 0.48), (59.01, 52.35, 6.66), (48.66, 44.13, 4.53), (43.02, 38.66, 4.36)],
+        "ALP": [(92.54, 93.67, 1.13), (59.13, 55.12, 5.01), (52.22, 48.53, 3.69), (45.67, 42.41, 3.26)],
+        "TRADES": [(90.88, 91.34, 0.46), (59.50, 57.04, 2.46), (52.76, 50.42, 2.34), (46.59, 44.87, 1.72)],
+        "MART": [(90.84, 92.95, 2.11), (57.70, 54.29, 3.41), (52.95, 50.09, 2.86), (46.98, 43.75, 3.23)],
+        "MAIL": [(90.15, 93.69, 3.54), (57.47, 54.60, 3.14), (52.78, 49.73, 3.05), (46.26, 41.24, 5.02)],
+        "CFA": [(92.23, 93.68, 1.45), (60.77, 58.85, 1.92), (55.17, 52.71, 2.46), (49.64, 46.53, 3.11)],
+        "RAT": [(89.23, 90.97, 1.74), (45.83, 38.25, 7.58), (44.15, 32.71, 11.44), (46.10, 22.40, 23.70)],
+        "PIAT + NMSE": [(91.70, 93.07, 1.37), (61.21, 59.84, 1.37), (55.88, 54.45, 1.43), (51.29, 49.82, 1.47)]},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,8 +188,9 @@ class Bf16Autocast(nn.Module):
 
 
 def method_name(checkpoint):
-    """A Table I row label from a checkpoint's flags: "PGD-AT", "PIAT + NMSE", "TRADES", ..., or the label
-    its script stored as args["method"] (train_rdat.py: "RDAT + PIAT", ...)."""
+    """A Table I row label from a checkpoint's flags: "PGD-AT", "PIAT + NMSE", "TRADES", "PGD-AT + EMA", ...,
+    or the label its script stored as args["method"] (train_rdat.py: "RDAT + PIAT", ...). A weight average
+    the run reports (--ema, --swa-start) is part of the name; CFA's own average (FAWA) is part of CFA."""
     args = checkpoint.get("args") or {}
     if args.get("method"):
         return str(args["method"])
@@ -167,6 +199,10 @@ def method_name(checkpoint):
     name = LOSS_NAMES.get(loss, loss or script)
     if args.get("piat"):
         name = "PIAT" if loss == "ce" else f"PIAT + {name}"
+    if args.get("ema") is not None:
+        name += " + EMA"
+    elif args.get("swa_start") is not None:
+        name += " + SWA"
     return name if script == "train_piat" else f"{script}: {name}"
 
 
@@ -224,6 +260,7 @@ def load_model(path, args):
         load_weights(model, checkpoint["model"], path, arch)
         saved = checkpoint.get("args") or {}
         info = {"kind": checkpoint.get("script", "train_piat.py"), "arch": arch, "method": method_name(checkpoint),
+                "weights": checkpoint.get("weights", "trained"),
                 "epoch": checkpoint.get("epoch"), "num_classes": checkpoint["num_classes"],
                 "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
                 "image_shape": checkpoint.get("image_shape"), "dataset": saved.get("dataset"),
@@ -254,7 +291,8 @@ def load_model(path, args):
         num_classes = args.num_classes or classifier_outputs(args.arch, state_dict)
         model = utils.build_model(args.arch, num_classes, mean, std)
         load_weights(model, state_dict, path, args.arch)
-        info = {"kind": "state_dict", "arch": args.arch, "method": path.stem, "epoch": None, "num_classes": num_classes,
+        info = {"kind": "state_dict", "arch": args.arch, "method": path.stem, "weights": "trained", "epoch": None,
+                "num_classes": num_classes,
                 "mean": list(mean), "std": list(std), "image_shape": None, "dataset": None, "data_dir": None,
                 "image_size": None}
     model.eval().requires_grad_(False)  # attacks need gradients of the input only
@@ -367,14 +405,17 @@ def read_results(path):
 
 
 def table_i(rows):
-    """{run: {"dataset", "method", attack: {"best", "final", "diff"}}} from result rows; a checkpoint
-    that is neither best.pt nor final.pt fills the Best column. Diff is |Best - Final| (Table I)."""
+    """{run: {"dataset", "method", attack: {"best", "final", "diff", "best_worst", "final_worst"}}} from result
+    rows; a checkpoint that is neither best.pt nor final.pt fills the Best column. Diff is |Best - Final| (Table
+    I); *_worst the worst class's accuracy (when the rows have it)."""
     runs = {}
     for row in rows:
         run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "n": set(),
                                            "notes": set()})
         column = "final" if row["role"] == "final" else "best"
         run.setdefault(row["attack"], {})[column] = row["accuracy"]
+        if row.get("worst_class_accuracy") is not None:
+            run[row["attack"]][f"{column}_worst"] = row["worst_class_accuracy"]
         run["n"].add(row["n"])
         if row["attack"] != "clean" and row.get("epsilon_255") != 8:
             run["notes"].add(f"eps {row.get('epsilon_255'):g}/255")
@@ -390,18 +431,28 @@ def table_i(rows):
     return runs
 
 
-def markdown_table(rows):
-    """Table I as markdown: one row per run, Best | Final | Diff (in %) for Clean, PGD20, CW and AA."""
-    header = ["Run", "Dataset", "Method"]
-    header += [f"{ATTACK_TITLES[attack]} {column}" for attack in ATTACKS for column in ("Best", "Final", "Diff")]
+def markdown_table(rows, worst_class=False, paper=None):
+    """Table I as markdown: one row per run, Best | Final | Diff (in %) for Clean, PGD20, CW and AA; with
+    worst_class, the worst class's Best and Final accuracy too (CFA's fairness measure); with paper (a data
+    set of PAPER_TABLE_I), the paper's row under each method it reports."""
+    columns = ("best", "final", "diff") + (("best_worst", "final_worst") if worst_class else ())
+    titles = {"best": "Best", "final": "Final", "diff": "Diff", "best_worst": "Best worst",
+              "final_worst": "Final worst"}
+    header = ["Run", "Dataset", "Method"] + [f"{ATTACK_TITLES[a]} {titles[c]}" for a in ATTACKS for c in columns]
     lines = ["| " + " | ".join(header + ["n", "notes"]) + " |", "|" + "---|" * (len(header) + 2)]
     for run, t in table_i(rows).items():
         cells = [Path(run).name, str(t["dataset"]), str(t["method"])]
         for attack in ATTACKS:
             cell = t.get(attack, {})
-            cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in ("best", "final", "diff")]
+            cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in columns]
         cells += ["/".join(str(n) for n in sorted(t["n"])), "; ".join(sorted(t["notes"]))]
         lines.append("| " + " | ".join(cells) + " |")
+        reported = (PAPER_TABLE_I.get(paper) or {}).get(t["method"])
+        if reported:
+            cells = ["", f"paper ({paper})", str(t["method"])]
+            for triple in reported:
+                cells += [f"{v:.2f}" for v in triple] + ["–"] * (len(columns) - 3)
+            lines.append("| " + " | ".join(cells + ["", "ResNet-18, the paper's Table I"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -414,7 +465,7 @@ def table_mode(args):
         rows += read_results(json_path)["results"]
     if not rows:
         raise utils.UserError(f"no results in {', '.join(args.paths)}")
-    table = markdown_table(rows)
+    table = markdown_table(rows, worst_class=args.worst_class, paper=args.paper)
     print(table, end="")
     if args.out:
         utils.atomic_write(args.out, lambda f: f.write(table.encode()))
@@ -494,7 +545,18 @@ def measure(model, x, y, attack, args, device, desc):
         flags = attack_flags(model, x, y, attack, eps, args.step_size / 255, args.batch_size, device, desc=desc)
         extra = {} if attack == "clean" else {"steps": 20, "step_size_255": args.step_size}
     correct = int(flags.sum())
-    return {**extra, "accuracy": correct / len(y), "correct": correct}
+    return {**extra, "accuracy": correct / len(y), "correct": correct, **class_accuracies(flags, y)}
+
+
+def class_accuracies(flags, y):
+    """CFA's fairness measure beside the average: the accuracy of every class present among the images
+    (per-example flags, true per-class counts), and the worst class's."""
+    y = y.cpu()
+    classes = torch.unique(y)
+    accuracy = [float(flags[y == c].float().mean()) for c in classes]
+    worst = min(range(len(accuracy)), key=accuracy.__getitem__)
+    return {"class_accuracy": dict(zip(map(int, classes), accuracy)), "worst_class": int(classes[worst]),
+            "worst_class_accuracy": accuracy[worst]}
 
 
 def evaluate_checkpoint(model, info, x, y, common, args, device, measured, record):
@@ -545,7 +607,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
         print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(y)} {images['dataset']} test images "
               f"({which}), {device}{', bf16 autocast' if args.amp else ''}")
         common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
-                  "arch": info["arch"], "epoch": info["epoch"], "dataset": images["dataset"],
+                  "weights": info["weights"], "arch": info["arch"], "epoch": info["epoch"],
+                  "dataset": images["dataset"],
                   "subset": images["subset"], "n": len(y), "seed": args.seed, "batch_size": args.batch_size,
                   "device": str(device), "amp": args.amp}
         attacked = Bf16Autocast(model) if args.amp else model
@@ -667,6 +730,12 @@ def add_run_arguments(p):
                         "with --table, the markdown file to write")
     g.add_argument("--table", action="store_true",
                    help="gather the JSON files of the given run folders into one markdown table shaped like Table I")
+    g.add_argument("--worst-class", action="store_true",
+                   help="with --table: also the worst class's accuracy of the best and the final checkpoint for "
+                        "every attack (CFA's fairness measure; every row of the JSON holds it)")
+    g.add_argument("--paper", type=str, default=None, choices=tuple(PAPER_TABLE_I),
+                   help="with --table: the paper's Table I row (ResNet-18 on this data set) under each method it "
+                        "reports (PGD-AT, ALP, TRADES, MART, MAIL, CFA, RAT, PIAT + NMSE)")
 
 
 def add_landscape_arguments(p):

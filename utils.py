@@ -826,8 +826,10 @@ def epoch_batches(x_train, y_train, args, epoch, flip, rank=0, world_size=1, cha
 
 def check_ranks_agree(models, names, world_size):
     """At the end of a torchrun run: every rank must hold bit-identical `models` (compared by fingerprint;
-    `names` says what each is); rank 0 prints the check. A plain run has nothing to compare."""
-    fingerprints = gather_objects(tuple(state_fingerprint(m) for m in models))
+    `names` says what each is; None entries are skipped); rank 0 prints the check. A plain run has nothing
+    to compare."""
+    names = [name for model, name in zip(models, names) if model is not None]
+    fingerprints = gather_objects(tuple(state_fingerprint(m) for m in models if m is not None))
     if world_size == 1 or dist.get_rank() != 0:
         return
     if len(set(fingerprints)) != 1:
@@ -881,6 +883,8 @@ def plot_curves(metrics, path, title=""):
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label, style in (("train_clean_acc", "train clean", "C0--"), ("train_robust_acc", "train robust", "C1--"),
                               ("test_clean_acc", "test clean", "C0-"), ("test_pgd20_acc", "test PGD-20", "C1-"),
+                              ("raw_test_pgd20_acc", "test PGD-20, trained weights", "C1:"),
+                              ("test_worst_pgd20_acc", "test PGD-20, worst class", "C3-"),
                               ("val_pgd20_acc", "val PGD-20", "C2-")):
         if metrics and key in metrics[0] and metrics[0][key] not in ("", None):
             ax_acc.plot(epochs, [100 * m[key] for m in metrics], style, marker=".", label=label)

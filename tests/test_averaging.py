@@ -1,0 +1,154 @@
+"""PIAT against weight averaging in train_piat.py: --ema (per-step EMA, checked against its closed form),
+--swa-start (the mean of the end-of-epoch weights, BatchNorm recomputed), --piat-every (N = one epoch is the
+paper's PIAT exactly), what the checkpoints hold, evaluate.py's method names, and resume after SIGKILL."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import evaluate as ev
+import train_piat as tp
+import utils
+from conftest import TINY, kill_after_first_checkpoint, run_script
+
+
+def run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    tp.main([*TINY, "--out-dir", str(out), *map(str, extra)])
+    return out
+
+
+def test_ema_after_k_steps_is_its_closed_form():
+    """AveragedModel with the EMA rule: the first update copies theta_1, then ema <- d * ema + (1 - d) * theta,
+    so after k updates ema = d^(k-1) theta_1 + sum_{j=2..k} (1 - d) d^(k-j) theta_j, BatchNorm buffers included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    args = tp.parse_args([*TINY, "--ema", "0.9"])
+    average = tp.make_average(model, args)
+    assert tp.average_kind(args) == "ema"
+    thetas = []
+    for _ in range(4):
+        model.train()
+        model(torch.randn(8, 3))  # moves the BatchNorm statistics
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        thetas.append({k: v.clone() for k, v in model.state_dict().items()})
+        average.update_parameters(model)
+    d, k = 0.9, len(thetas)
+    for name, value in average.module.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        expected = d ** (k - 1) * thetas[0][name] + sum((1 - d) * d ** (k - j) * thetas[j - 1][name]
+                                                        for j in range(2, k + 1))
+        assert torch.allclose(value, expected, atol=1e-5), name
+    assert any("running_mean" in name for name in average.module.state_dict())
+
+
+def test_ema_run_reports_the_average_and_logs_the_trained_weights(tmp_path):
+    out = run(tmp_path, "--epochs", "2", "--ema", "0.9", "--no-piat", "--loss", "ce")
+    rows = utils.read_metrics(out / "metrics.csv")
+    final = utils.load_checkpoint(out / "final.pt")
+    assert final["weights"] == "ema" and utils.load_checkpoint(out / "best.pt")["weights"] == "ema"
+    assert final["resume"]["average"]["n_averaged"] == 6  # 96 images in batches of 32, two epochs: every step
+    for k, v in final["resume"]["average"].items():  # best/final hold the average, resume the trained weights
+        if k != "n_averaged":
+            assert torch.equal(final["model"][k[len("module."):]], v), k
+    assert any(not torch.equal(final["model"][k], v) for k, v in final["resume"]["model"].items()
+               if v.is_floating_point())
+    for r in rows:
+        assert 0 <= r["raw_test_pgd20_acc"] <= r["raw_test_clean_acc"] <= 1
+    result = ev.main([str(out), "--attacks", "clean", "--n-examples", "32", "--device", "cpu"])
+    assert {r["method"] for r in result["rows"]} == {"PGD-AT + EMA"}
+    assert {r["weights"] for r in result["rows"]} == {"ema"}
+    assert result["rows"][0]["accuracy"] == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+
+
+def test_swa_is_the_mean_of_the_end_of_epoch_weights_with_recomputed_batchnorm(tmp_path, monkeypatch):
+    epoch_weights = []
+    real = tp.swa_update_
+
+    def spy(average, model, x_train, batch_size):
+        epoch_weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        real(average, model, x_train, batch_size)
+
+    monkeypatch.setattr(tp, "swa_update_", spy)
+    out = run(tmp_path, "--epochs", "4", "--swa-start", "2", "--loss", "ce")
+    assert len(epoch_weights) == 3  # epochs 2, 3 and 4
+    final = utils.load_checkpoint(out / "final.pt")
+    assert final["weights"] == "swa"
+    model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
+    model.load_state_dict(final["model"])
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, sum(w[name] for w in epoch_weights) / 3, atol=1e-6), name
+    # BatchNorm statistics: one pass over the unaugmented training images of the run, recomputed here
+    data = utils.make_synthetic()
+    x_train = data.x_train[utils.fixed_subset(len(data.x_train), None)[:96]]
+    fresh = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
+    fresh.load_state_dict(final["model"])
+    for m in fresh.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    torch.optim.swa_utils.update_bn([utils.to_float(x_train[i : i + 256]) for i in range(0, 96, 256)], fresh)
+    for name, buffer in fresh.named_buffers():
+        if "running" in name:
+            assert torch.allclose(buffer, model.get_buffer(name), atol=1e-5), name
+            assert not torch.allclose(buffer, epoch_weights[-1][name], atol=1e-3), name  # not the trained ones
+    rows = utils.read_metrics(out / "metrics.csv")
+    assert rows[0]["test_clean_acc"] == rows[0]["raw_test_clean_acc"]  # before --swa-start: the trained weights
+    method = ev.method_name(final)
+    assert method == "PIAT + SWA"
+
+
+def test_piat_every_one_epoch_is_the_papers_piat_exactly(tmp_path):
+    per_epoch = run(tmp_path, "--epochs", "3", "--loss", "ce", name="per_epoch")
+    every = run(tmp_path, "--epochs", "3", "--loss", "ce", "--piat-every", "3", name="every")  # 96 / 32 = 3 steps
+    a, b = utils.load_checkpoint(per_epoch / "final.pt"), utils.load_checkpoint(every / "final.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [r["alpha"] for r in utils.read_metrics(every / "metrics.csv")] == pytest.approx([0.1, 2 / 11, 3 / 12])
+    # N = 1: an interpolation after every step, alpha at the fractional epoch t = step / steps - 1
+    seen = []
+    real = tp.piat_alpha
+    tp_alpha = lambda t, *a: seen.append(t) or real(t, *a)  # noqa: E731
+    try:
+        tp.piat_alpha = tp_alpha
+        run(tmp_path, "--epochs", "1", "--loss", "ce", "--piat-every", "1", name="lookahead")
+    finally:
+        tp.piat_alpha = real
+    assert seen == pytest.approx([1 / 3 - 1, 2 / 3 - 1, 0.0])
+
+
+@pytest.mark.parametrize("flags", [["--ema", "0.9", "--piat-every", "5"], ["--swa-start", "2"]])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, flags):
+    common = [*TINY, "--loss", "ce", "--epochs", "3", "--train-size", "128", "--batch-size", "16", *flags]
+    whole = tmp_path / "whole"
+    tp.main([*common, "--out-dir", str(whole)])
+    killed = tmp_path / "killed"
+    stopped_after = kill_after_first_checkpoint(tp.__file__, common, killed)
+    assert stopped_after < 3, "the run finished before it could be killed"
+    result = run_script(tp.__file__, "--resume", killed)
+    assert result.returncode == 0, result.stderr
+    a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for part in ("prev_state", "model", "average"):
+        for k, v in (a["resume"].get(part) or {}).items():
+            assert torch.equal(v, b["resume"][part][k]), (part, k)
+    args = json.loads((killed / "args.json").read_text())
+    assert {k: args[k] for k in ("ema", "swa_start", "piat_every")} == {k: a["args"][k] for k in
+                                                                        ("ema", "swa_start", "piat_every")}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--ema", "1.5"], "--ema must lie in (0, 1)"),
+    (["--ema", "0.9", "--swa-start", "2"], "two weight averages"),
+    (["--swa-start", "9", "--epochs", "3"], "--swa-start 9 is after the last epoch"),
+    (["--piat-every", "0"], "--piat-every: must be > 0"),
+])
+def test_bad_averaging_flags(flags, message, capsys):
+    with pytest.raises((utils.UserError, SystemExit)) as err:
+        tp.parse_args([*TINY, *flags])
+    assert message in (str(err.value) if err.type is utils.UserError else capsys.readouterr().err)
