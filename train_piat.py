@@ -248,6 +248,7 @@ def train_one_epoch(net, optimizer, x_train, y_train, flip, args, epoch, rank=0,
             group["lr"] = lr
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, logits_adv, logits_clean = training_loss(net, x, y, args, epoch)
+        utils.check_finite(epoch, i, training_loss=loss)  # a nan/inf loss stops the run (utils.Diverged)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -338,6 +339,7 @@ def train(args, resume, rank, world_size, device):
                **evaluate_epoch(net.for_attack, split, args, rank, world_size)}
         row["epoch_seconds"] = time.time() - start
         metrics.append(row)
+        utils.check_finite_weights(epoch, model=model)  # never save weights that are not finite
         # keep the best and the final checkpoint (final.pt with everything --resume needs)
         training_state = {"optimizer": optimizer.state_dict(), "prev_state": prev_state,
                           "rng": utils.all_rng_states()}
@@ -433,17 +435,17 @@ def add_model_arguments(p):
     g.add_argument("--lr", type=nonneg_float, default=None,
                    help="initial learning rate, held for the first half of training, then linearly to lr/10 at 3/4 "
                         "and lr/100 at the end (default: 0.01 resnet18, 0.1 wrn-32-10, 0.05 small-cnn)")
-    g.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum")
+    g.add_argument("--momentum", type=utils.unit_interval, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=nonneg_float, default=None,
                    help="weight decay (default: 3.5e-3 resnet18, 7e-4 wrn-32-10, 5e-4 small-cnn)")
 
 
 def add_attack_arguments(p):
-    nonneg_int, nonneg_float = utils.non_negative(int), utils.non_negative(float)
+    nonneg_int = utils.non_negative(int)
     g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+    g.add_argument("--epsilon", type=utils.pixel_units, default=8.0,
                    help="L-inf radius of the training and evaluation attacks")
-    g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size")
+    g.add_argument("--step-size", type=utils.pixel_units, default=2.0, help="PGD step size")
     g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack")
     g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20, help="PGD steps of the per-epoch evaluation")
 
@@ -461,24 +463,23 @@ def add_loss_arguments(p):
                    help="weight of the NMSE or ALP term (default: 4.0 for nmse (reconstruction: the paper's value "
                         "was lost in extraction), 0.5 for alp (the official ALP release))")
     g.add_argument("--beta", type=nonneg_float, default=6.0, help="weight of the KL term of trades and mart")
-    g.add_argument("--mail-bias", type=float, default=-1.5,
+    g.add_argument("--mail-bias", type=utils.finite(float), default=-1.5,
                    help="mail: weight = 3*sigmoid(slope*(bias - margin)), margin = p_y(x') - max_{j!=y} p_j(x')")
-    g.add_argument("--mail-slope", type=float, default=1.0, help="mail: slope of that sigmoid")
+    g.add_argument("--mail-slope", type=utils.finite(float), default=1.0, help="mail: slope of that sigmoid")
     g.add_argument("--mail-burn-in", type=nonneg_int, default=None,
                    help="mail: epochs of plain adversarial CE before reweighting (default: 76 of 120, as in the "
                         "official code, scaled to --epochs)")
 
 
 def add_piat_arguments(p):
-    nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("PIAT: theta <- alpha*theta_prev + (1-alpha)*theta after every epoch")
     g.add_argument("--piat", action=argparse.BooleanOptionalAction, default=True,
                    help="interpolate the weights after every epoch (on by default)")
-    g.add_argument("--alpha-max", type=nonneg_float, default=0.99,
+    g.add_argument("--alpha-max", type=utils.unit_interval, default=0.99,
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10)")
-    g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
-    g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None,
+    g.add_argument("--alpha-a", type=utils.non_negative(float), default=1.0, help="a in alpha_t (reconstruction)")
+    g.add_argument("--alpha-b", type=utils.positive(float), default=10.0, help="b in alpha_t (reconstruction)")
+    g.add_argument("--alpha-fixed", type=utils.unit_interval, default=None,
                    help="a constant alpha instead (the paper's Fig. 9)")
 
 
@@ -493,10 +494,6 @@ def fill_defaults(args):
         args.lam = LAM_DEFAULTS.get(args.loss, 0.0)
     if args.mail_burn_in is None:
         args.mail_burn_in = round(76 * args.epochs / 120)
-    if args.alpha_fixed is not None and not args.alpha_fixed <= 1:
-        raise utils.UserError(f"--alpha-fixed must lie in [0, 1], got {args.alpha_fixed}")
-    if not args.alpha_max <= 1:
-        raise utils.UserError(f"--alpha-max must lie in [0, 1], got {args.alpha_max}")
 
 
 def main(argv=None):
@@ -506,13 +503,11 @@ def main(argv=None):
         args, resume = utils.resume_run(args, "train_piat.py")
     rank, world_size, device = utils.setup_distributed(args.device)
     try:
-        return train(args, resume, rank, world_size, device)
+        with utils.run_guard(__file__):  # stop signals, and status.json when the run stops early
+            return train(args, resume, rank, world_size, device)
     finally:
         utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except utils.UserError as err:
-        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    sys.exit(utils.run_main(main, __file__))  # one line and an exit code of its own for each way a run stops early
