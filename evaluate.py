@@ -295,6 +295,10 @@ def load_model(path, args):
                 "num_classes": num_classes,
                 "mean": list(mean), "std": list(std), "image_shape": None, "dataset": None, "data_dir": None,
                 "image_size": None}
+    problem = utils.first_non_finite(model.state_dict())
+    if problem:  # every number measured on it would be meaningless
+        raise utils.UserError(f"{path} holds weights that are not finite ({problem[0]} is {problem[1]}): the run that "
+                              "wrote it diverged")
     model.eval().requires_grad_(False)  # attacks need gradients of the input only
     info["fingerprint"] = utils.state_fingerprint(model)  # equal weights give equal numbers: measured once
     return model, info
@@ -486,7 +490,8 @@ def resolve_inputs(paths, out):
         if path.is_dir():
             checkpoints = [(role, path / f"{role}.pt") for role in ("best", "final") if (path / f"{role}.pt").is_file()]
             if not checkpoints:
-                raise utils.UserError(f"{path} holds neither best.pt nor final.pt")
+                why = run_status_note(path)
+                raise utils.UserError(f"{path} holds neither best.pt nor final.pt{f' ({why})' if why else ''}")
             jobs.append((str(path), checkpoints, Path(out) if out else path / "eval.json", True))
         elif path.is_file():
             role = path.stem if path.stem in ("best", "final") else "checkpoint"
@@ -497,6 +502,27 @@ def resolve_inputs(paths, out):
         if not json_path.parent.is_dir() or not os.access(json_path.parent, os.W_OK):
             raise utils.UserError(f"cannot write results to {json_path}; pass --out FILE")
     return jobs
+
+
+def run_status_note(run_dir):
+    """What a run folder's status.json says when the run did not finish ("it diverged at epoch 2, step 5"), else
+    None: a run that diverged or stopped early has checkpoints of its last saved epoch, not of its last one."""
+    status = utils.read_status(run_dir)
+    if not status or status.get("status") in (None, "finished"):
+        return None
+    saved = f"epochs saved: {status.get('epochs_saved')} of {status.get('epochs')}"
+    if status["status"] == "diverged":
+        return f"it diverged at epoch {status.get('epoch')}, step {status.get('step')}; {saved}; status.json"
+    if status["status"] == "running":
+        return f"status.json says it is still running, or was killed; {saved}"
+    return f"it stopped early ({status['status']}); {saved}; status.json"
+
+
+def warn_if_unfinished(run_dir):
+    """One line on stderr for a run folder whose status.json says it did not finish."""
+    note = run_status_note(run_dir)
+    if note:
+        print(f"evaluate.py: warning: {run_dir} did not finish: {note}", file=sys.stderr, flush=True)
 
 
 def pick_examples(data, n, subset):
@@ -659,13 +685,12 @@ def parse_args(argv=None):
 
 
 def add_measure_arguments(p):
-    nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("what to measure (epsilon and step size in 1/255 units)")
     g.add_argument("--attacks", type=comma_list(ATTACKS), default=None,
                    help=f"comma-separated, any of {','.join(ATTACKS)} (default: all of them, or none with --landscape)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+    g.add_argument("--epsilon", type=utils.pixel_units, default=8.0,
                    help="L-inf radius of every attack and of AutoAttack (default: %(default)s)")
-    g.add_argument("--step-size", type=nonneg_float, default=2.0,
+    g.add_argument("--step-size", type=utils.pixel_units, default=2.0,
                    help="step size of PGD-20 and CW-20 (default: %(default)s)")
     g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS,
                    help="AutoAttack version: standard (the paper's and RobustBench's), plus, rand, or custom "
@@ -705,7 +730,7 @@ def add_foreign_arguments(p):
     g.add_argument("--input-normalization", type=str, default=None, choices=tuple(NORMALIZATIONS),
                    help="how that network normalises its [0,1] input: none (default; TRADES, MART and AutoAttack's "
                         "example models take raw [0,1] images) or the channel statistics of a data set")
-    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+    g.add_argument("--mean", type=utils.finite(float), nargs=3, default=None, metavar=("R", "G", "B"),
                    help="explicit normalisation mean of that network (with --std), instead of --input-normalization")
     g.add_argument("--std", type=pos_float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="explicit normalisation standard deviation of that network")
@@ -716,7 +741,7 @@ def add_foreign_arguments(p):
 
 def add_run_arguments(p):
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=utils.seed_number, default=0,
                    help="seed of the attacks' random starts and of AutoAttack (default: %(default)s; re-set before "
                         "every measurement, so each number does not depend on what was measured before it)")
     g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
@@ -781,6 +806,8 @@ def main(argv=None):
     utils.seed_everything(args.seed)
     # every checkpoint is read first: bad input stops here, before any data is loaded or number computed
     jobs = resolve_inputs(args.paths, args.out)
+    for run, _, _, is_run_dir in jobs:
+        warn_if_unfinished(Path(run) if is_run_dir else Path(run).parent)
     models = {str(ckpt): load_model(ckpt, args) for _, checkpoints, _, _ in jobs for _, ckpt in checkpoints}
     cache, measured, new_rows, written = {}, {}, [], []
     for run, checkpoints, json_path, is_run_dir in jobs:
@@ -829,7 +856,4 @@ def landscape_for(model, x, y, args, device, common, stem):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except utils.UserError as err:
-        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    sys.exit(utils.run_main(main, __file__))  # one line and an exit code of its own for each way it stops early

@@ -29,7 +29,6 @@ is given. The MLP has no BatchNorm, so train/eval mode does not matter.
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,8 +56,9 @@ def parse_args(argv=None):
     nonneg_float, pos_int, pos_float = utils.non_negative(float), utils.positive(int), utils.positive(float)
     nonneg_int = utils.non_negative(int)
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="first seed; seed s draws the data, the initial weights, "
-                                                       "the batch order and the attacks' random starts")
+    g.add_argument("--seed", type=utils.seed_number, default=0,
+                   help="first seed; seed s draws the data, the initial weights, the batch order and the attacks' "
+                        "random starts")
     g.add_argument("--seeds", type=pos_int, default=1,
                    help="repeat with seeds seed .. seed+K-1 and report mean +- std (figures show the first seed)")
     g.add_argument("--out-dir", type=str, default="runs/toy", help="where the figures and summary.json go")
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=pos_int, default=50, help="epochs")
     g.add_argument("--batch-size", type=pos_int, default=50, help="mini-batch size (an epoch is one pass)")
     g.add_argument("--lr", type=nonneg_float, default=0.5, help="SGD learning rate (constant)")
-    g.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum")
+    g.add_argument("--momentum", type=utils.unit_interval, default=0.9, help="SGD momentum")
     g = p.add_argument_group("attack (L-inf, in input units)")
     g.add_argument("--epsilon", type=nonneg_float, default=0.3, help="L-inf radius of the training and test attacks")
     g.add_argument("--step-size", type=nonneg_float, default=None,
@@ -90,16 +90,14 @@ def parse_args(argv=None):
     g = p.add_argument_group("losses and PIAT (defaults as in train_piat.py)")
     g.add_argument("--lam-alp", type=nonneg_float, default=0.5, help="weight of ALP's logit-pairing term")
     g.add_argument("--lam-nmse", type=nonneg_float, default=4.0, help="weight of the NMSE term (reconstruction)")
-    g.add_argument("--alpha-max", type=nonneg_float, default=0.99,
+    g.add_argument("--alpha-max", type=utils.unit_interval, default=0.99,
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10); 0.10 at t=0, 0.85 at t=49")
-    g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
-    g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None, help="a constant alpha instead")
+    g.add_argument("--alpha-a", type=nonneg_float, default=1.0, help="a in alpha_t (reconstruction)")
+    g.add_argument("--alpha-b", type=pos_float, default=10.0, help="b in alpha_t (reconstruction)")
+    g.add_argument("--alpha-fixed", type=utils.unit_interval, default=None, help="a constant alpha instead")
     args = p.parse_args(argv)
     if args.step_size is None:
         args.step_size = args.epsilon / 4
-    if not args.alpha_max <= 1 or (args.alpha_fixed is not None and not args.alpha_fixed <= 1):
-        raise utils.UserError("--alpha-max and --alpha-fixed must lie in [0, 1]")
     if args.r0 == args.r1:
         raise utils.UserError(f"--r0 and --r1 must differ (both {args.r0}): the classes would coincide")
     if args.train_size < 2 or args.test_size < 2:
@@ -501,7 +499,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except utils.UserError as err:
-        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    sys.exit(utils.run_main(main, __file__))  # one line and an exit code of its own for each way it stops early

@@ -425,6 +425,7 @@ def train_one_epoch(net, optimizer, average, prev_state, data, train_images, arg
             group["lr"] = lr
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, logits_adv, logits_clean = training_loss(net, x, y, args, epoch, calibration)
+        utils.check_finite(epoch, i, training_loss=loss)  # a nan/inf loss stops the run (utils.Diverged)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -571,6 +572,8 @@ def train(args, resume, rank, world_size, device):
                                         world_size))
         row = {"epoch": epoch + 1, **row, "epoch_seconds": time.time() - start}
         metrics.append(row)
+        # never save weights that are not finite
+        utils.check_finite_weights(epoch, model=model, weight_average=average.module if average is not None else None)
         # keep the best and the final checkpoint (final.pt with everything --resume needs)
         training_state = {"optimizer": optimizer.state_dict(), "prev_state": prev_state, "rng": utils.all_rng_states()}
         if average is not None:  # the checkpoint's "model" may be the average: keep the trained weights too
@@ -683,17 +686,17 @@ def add_model_arguments(p):
     g.add_argument("--lr", type=nonneg_float, default=None,
                    help="initial learning rate, held for the first half of training, then linearly to lr/10 at 3/4 "
                         "and lr/100 at the end (default: 0.01 resnet18, 0.1 wrn-32-10, 0.05 small-cnn)")
-    g.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum")
+    g.add_argument("--momentum", type=utils.unit_interval, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=nonneg_float, default=None,
                    help="weight decay (default: 3.5e-3 resnet18, 7e-4 wrn-32-10, 5e-4 small-cnn)")
 
 
 def add_attack_arguments(p):
-    nonneg_int, nonneg_float = utils.non_negative(int), utils.non_negative(float)
+    nonneg_int = utils.non_negative(int)
     g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+    g.add_argument("--epsilon", type=utils.pixel_units, default=8.0,
                    help="L-inf radius of the training and evaluation attacks")
-    g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size")
+    g.add_argument("--step-size", type=utils.pixel_units, default=2.0, help="PGD step size")
     g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack")
     g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20, help="PGD steps of the per-epoch evaluation")
 
@@ -714,9 +717,9 @@ def add_loss_arguments(p):
                    help="weight of the NMSE or ALP term (default: 4.0 for nmse (reconstruction: the paper's value "
                         "was lost in extraction), 0.5 for alp (the official ALP release))")
     g.add_argument("--beta", type=nonneg_float, default=6.0, help="weight of the KL term of trades, mart, cfa and rat")
-    g.add_argument("--mail-bias", type=float, default=-1.5,
+    g.add_argument("--mail-bias", type=utils.finite(float), default=-1.5,
                    help="mail: weight = 3*sigmoid(slope*(bias - margin)), margin = p_y(x') - max_{j!=y} p_j(x')")
-    g.add_argument("--mail-slope", type=float, default=1.0, help="mail: slope of that sigmoid")
+    g.add_argument("--mail-slope", type=utils.finite(float), default=1.0, help="mail: slope of that sigmoid")
     g.add_argument("--mail-burn-in", type=nonneg_int, default=None,
                    help="mail: epochs of plain adversarial CE before reweighting (default: 76 of 120, as in the "
                         "official code, scaled to --epochs)")
@@ -745,10 +748,10 @@ def add_cfa_arguments(p):
     g.add_argument("--cfa-begin", type=nonneg_int, default=None,
                    help="epochs of uncalibrated training first (default: the official 10 of 200 epochs, scaled to "
                         "--epochs)")
-    g.add_argument("--cfa-decay", type=nonneg_float, default=0.85,
+    g.add_argument("--cfa-decay", type=utils.unit_interval, default=0.85,
                    help="FAWA's decay: average <- decay * average + (1 - decay) * weights (default 0.85, the paper's; "
                         "the official code uses 0.88)")
-    g.add_argument("--cfa-threshold", type=nonneg_float, default=0.2,
+    g.add_argument("--cfa-threshold", type=utils.unit_interval, default=0.2,
                    help="FAWA takes an epoch only when the worst class's validation PGD-20 accuracy of the trained "
                         "weights is at least this (default 0.2, the paper's; the official code uses 0.24)")
     g.add_argument("--cfa-fawa-start", type=pos_int, default=None,
@@ -760,7 +763,7 @@ def add_rat_arguments(p):
     nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("RAT (--loss rat; Jin et al., CVPR 2023, official code Alexkael/Randomized-Adversarial-"
                              "Training, its TRADES variant)")
-    g.add_argument("--rat-alpha", type=nonneg_float, default=0.2,
+    g.add_argument("--rat-alpha", type=utils.unit_interval, default=0.2,
                    help="(1 - alpha) * CE(f(x), y) + beta * KL + alpha * first-order term + w2 * second-order term "
                         "(default 0.2, the official)")
     g.add_argument("--rat-second-weight", type=nonneg_float, default=None,
@@ -770,21 +773,21 @@ def add_rat_arguments(p):
                    help="standard deviation of the Gaussian noise added to every convolution weight of the model the "
                         "training attack runs on, drawn afresh every batch; the trained weights never carry it "
                         "(default 1e-4, the official; 0 turns the randomised weights off)")
-    g.add_argument("--rat-target-mass", type=nonneg_float, default=None,
+    g.add_argument("--rat-target-mass", type=utils.unit_interval, default=None,
                    help="probability the Taylor terms' soft labels spread over the wrong classes (default: 1 - 2/K, "
                         "the official 0.8 for 10 classes and 0.98 for 100)")
 
 
 def add_piat_arguments(p):
-    nonneg_float, pos_int = utils.non_negative(float), utils.positive(int)
+    pos_int = utils.positive(int)
     g = p.add_argument_group("PIAT: theta <- alpha*theta_prev + (1-alpha)*theta after every epoch")
     g.add_argument("--piat", action=argparse.BooleanOptionalAction, default=True,
                    help="interpolate the weights after every epoch (on by default)")
-    g.add_argument("--alpha-max", type=nonneg_float, default=0.99,
+    g.add_argument("--alpha-max", type=utils.unit_interval, default=0.99,
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10)")
-    g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
-    g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None,
+    g.add_argument("--alpha-a", type=utils.non_negative(float), default=1.0, help="a in alpha_t (reconstruction)")
+    g.add_argument("--alpha-b", type=utils.positive(float), default=10.0, help="b in alpha_t (reconstruction)")
+    g.add_argument("--alpha-fixed", type=utils.unit_interval, default=None,
                    help="a constant alpha instead (the paper's Fig. 9)")
     g.add_argument("--piat-every", type=pos_int, default=None, metavar="N",
                    help="interpolate after every N optimiser steps instead of once per epoch, alpha_t taken at the "
@@ -795,7 +798,7 @@ def add_averaging_arguments(p):
     pos_int = utils.positive(int)
     g = p.add_argument_group("weight averaging (evaluated and saved instead of the trained weights, which keep "
                              "training; compare with PIAT, which feeds its interpolation back)")
-    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+    g.add_argument("--ema", type=utils.unit_interval, default=None, metavar="DECAY",
                    help="exponential moving average of the parameters and BatchNorm buffers, updated after every "
                         "optimiser step (Gowal et al. 2020 and Rebuffi et al. 2021 use 0.995-0.999)")
     g.add_argument("--swa-start", type=pos_int, default=None, metavar="EPOCH",
@@ -823,12 +826,6 @@ def fill_defaults(args):
         args.cfa_fawa_start = max(1, round(50 * scale))
     if args.rat_second_weight is None:
         args.rat_second_weight = 0.1 if args.arch == "wrn-32-10" else 0.04
-    for flag in ("alpha_fixed", "alpha_max", "cfa_decay", "cfa_threshold", "rat_target_mass"):
-        value = getattr(args, flag)
-        if value is not None and not 0 <= value <= 1:
-            raise utils.UserError(f"--{flag.replace('_', '-')} must lie in [0, 1], got {value}")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise utils.UserError(f"--ema must lie in (0, 1), got {args.ema}")
     if args.swa_start is not None and args.swa_start > args.epochs:
         raise utils.UserError(f"--swa-start {args.swa_start} is after the last epoch ({args.epochs})")
     averages = [flag for flag, on in (("--ema", args.ema is not None), ("--swa-start", args.swa_start is not None),
@@ -854,13 +851,11 @@ def main(argv=None):
         args, resume = utils.resume_run(args, "train_piat.py")
     rank, world_size, device = utils.setup_distributed(args.device)
     try:
-        return train(args, resume, rank, world_size, device)
+        with utils.run_guard(__file__):  # stop signals, and status.json when the run stops early
+            return train(args, resume, rank, world_size, device)
     finally:
         utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except utils.UserError as err:
-        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    sys.exit(utils.run_main(main, __file__))  # one line and an exit code of its own for each way a run stops early

@@ -336,6 +336,9 @@ def train_one_epoch(learners, optimizers, ema_steps, x_train, y_train, flip, arg
         redistribute = redistributing and (args.redistribute_mode == "every-batch" or i == n_steps - 1)
         loss, natural_loss, logits_adv, logits_natural = rdat_step_(learners, optimizers, ema_steps, x, y, args,
                                                                     beta, redistribute)
+        # a nan/inf loss stops the run (utils.Diverged); checked after rdat_step_'s steps, which only touch the
+        # weights in memory: nothing of this epoch is saved yet, so the checkpoints keep the last finite weights
+        utils.check_finite(epoch, i, robust_learner_loss=loss, natural_learner_loss=natural_loss)
         # accumulated on the device: no host synchronisation inside the loop
         totals[0] += loss.detach() * len(y)
         totals[1] += (logits_natural.argmax(1) == y).sum()
@@ -435,6 +438,8 @@ def train(args, resume, rank, world_size, device):
                **evaluate_epoch(learners, split, args, rank, world_size)}
         row["epoch_seconds"] = time.time() - start
         metrics.append(row)
+        # never save weights that are not finite
+        utils.check_finite_weights(epoch, global_learner=global_model, robust_learner=robust, natural_learner=natural)
         # keep the best and the final checkpoint of the global learner (final.pt with all five models)
         training_state = {"robust": robust.state_dict(), "natural": natural.state_dict(),
                           "ema_robust": ema_robust.state_dict(), "ema_natural": ema_natural.state_dict(),
@@ -573,7 +578,7 @@ def add_model_arguments(p):
                    help="initial learning rate of both learners, held for the first half of training, then linearly "
                         "to lr/10 at 3/4 and lr/100 at the end (train_piat.py's schedule, ours for RDAT; default: "
                         "0.01 resnet18, 0.1 wrn-32-10, 0.05 small-cnn)")
-    g.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum of both learners")
+    g.add_argument("--momentum", type=utils.unit_interval, default=0.9, help="SGD momentum of both learners")
     g.add_argument("--weight-decay", type=nonneg_float, default=None,
                    help="the robust learner's weight decay (default: 3.5e-3 resnet18, 7e-4 wrn-32-10, 5e-4 small-cnn)")
     g.add_argument("--natural-weight-decay", type=nonneg_float, default=5e-4,
@@ -585,11 +590,10 @@ def add_model_arguments(p):
 
 def add_attack_arguments(p):
     nonneg_int = utils.non_negative(int)
-    nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+    g.add_argument("--epsilon", type=utils.pixel_units, default=8.0,
                    help="L-inf radius of the training and evaluation attacks")
-    g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size")
+    g.add_argument("--step-size", type=utils.pixel_units, default=2.0, help="PGD step size")
     g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack")
     g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20, help="PGD steps of the per-epoch evaluation")
     g.add_argument("--attack-loss", type=str, default="ce", choices=("ce", "kl"),
@@ -607,11 +611,11 @@ def add_rdat_arguments(p):
                    help="the regularisation module: the robust learner's loss is CE(f(x'), y) + lam * KL(p(x) || "
                         "p(x')), p(x) from its own train-mode clean forward, not detached (TRADES's KL); default 6 "
                         "(ours: TRADES's weight); 0 gives Generalist's plain robust learner")
-    g.add_argument("--ema-decay", type=nonneg_float, default=0.999,
+    g.add_argument("--ema-decay", type=utils.unit_interval, default=0.999,
                    help="maximum EMA decay: d = min(ema_decay, (s + 1) / (s + 10)), s the EMA's own update count, "
                         "updated every batch, for both EMAs and the global learner (default 0.999: ours, from "
                         "Generalist's official code)")
-    g.add_argument("--beta-final", type=nonneg_float, default=0.4,
+    g.add_argument("--beta-final", type=utils.unit_interval, default=0.4,
                    help="weight of the robust EMA in the global learner: beta = 1 until 2E/3, then linearly to "
                         "beta_final at E, evaluated every step at the fractional epoch after the step (default 0.4: "
                         "ours, from Generalist's official code)")
@@ -633,17 +637,16 @@ def add_rdat_arguments(p):
 
 
 def add_piat_arguments(p):
-    nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("PIAT on the robust learner: theta_R <- alpha*theta_R_prev + (1-alpha)*theta_R "
                              "after every epoch (a combination neither paper tried)")
     g.add_argument("--piat", action=argparse.BooleanOptionalAction, default=False,
                    help="interpolate the robust learner after every epoch (off by default: RDAT has no interpolation)")
-    g.add_argument("--alpha-max", type=nonneg_float, default=0.99,
+    g.add_argument("--alpha-max", type=utils.unit_interval, default=0.99,
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)), t the 0-indexed epoch (train_piat.py's reconstruction "
                         "of the PIAT paper's Eq. 10)")
-    g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
-    g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None, help="a constant alpha instead")
+    g.add_argument("--alpha-a", type=utils.non_negative(float), default=1.0, help="a in alpha_t (reconstruction)")
+    g.add_argument("--alpha-b", type=utils.positive(float), default=10.0, help="b in alpha_t (reconstruction)")
+    g.add_argument("--alpha-fixed", type=utils.unit_interval, default=None, help="a constant alpha instead")
 
 
 def fill_defaults(args):
@@ -657,10 +660,6 @@ def fill_defaults(args):
         args.redistribute_from = start
     if args.redistribute_every is None:
         args.redistribute_every = every
-    for flag in ("beta_final", "ema_decay", "alpha_max", "alpha_fixed"):
-        value = getattr(args, flag)
-        if value is not None and not value <= 1:
-            raise utils.UserError(f"--{flag.replace('_', '-')} must lie in [0, 1], got {value}")
     # a label for tables (evaluate.py may read it): what this combination of flags is
     args.method = ("RDAT" if args.lam > 0 else "Generalist") + (" + PIAT" if args.piat else "")
 
@@ -672,13 +671,11 @@ def main(argv=None):
         args, resume = utils.resume_run(args, "train_rdat.py")
     rank, world_size, device = utils.setup_distributed(args.device)
     try:
-        return train(args, resume, rank, world_size, device)
+        with utils.run_guard(__file__):  # stop signals, and status.json when the run stops early
+            return train(args, resume, rank, world_size, device)
     finally:
         utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except utils.UserError as err:
-        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    sys.exit(utils.run_main(main, __file__))  # one line and an exit code of its own for each way a run stops early

@@ -300,6 +300,7 @@ def train_one_epoch(net, optimizer, x_train, y_train, flip, args, epoch, rank=0,
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp):
             # A&P's strength at the end of this step, as Mo et al.'s t = epoch - 1 + (step + 1) / steps
             loss, logits_adv, logits_clean = training_loss(net, x, y, args, epoch + (i + 1) / n_steps)
+        utils.check_finite(epoch, i, training_loss=loss)  # a nan/inf loss stops the run (utils.Diverged)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -394,6 +395,7 @@ def train(args, resume, rank, world_size, device):
                **evaluate_epoch(net.for_attack, split, args, rank, world_size)}
         row["epoch_seconds"] = time.time() - start
         metrics.append(row)
+        utils.check_finite_weights(epoch, model=model)  # never save weights that are not finite
         # keep the best and the final checkpoint (final.pt with everything --resume needs)
         training_state = {"optimizer": optimizer.state_dict(), "prev_state": prev_state,
                           "rng": utils.all_rng_states()}
@@ -663,7 +665,7 @@ def add_optimiser_arguments(p):
                    help="the lr is divided by 10 when each of these epochs begins, counted from 1 as in metrics.csv "
                         "(default: 36 38, the paper's, scaled to --epochs as 1 + 35/40*E and 1 + 37/40*E; Mo et al.'s "
                         "code divides at 36 and 39); it changes every step")
-    g.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (default 0.9)")
+    g.add_argument("--momentum", type=utils.unit_interval, default=0.9, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=nonneg_float, default=1e-4, help="weight decay (default 1e-4)")
     g.add_argument("--grad-clip", type=nonneg_float, default=1.0,
                    help="clip the gradient's global L2 norm to this before every step (Mo et al.); 0: no clipping")
@@ -671,11 +673,10 @@ def add_optimiser_arguments(p):
 
 def add_attack_arguments(p):
     nonneg_int = utils.non_negative(int)
-    nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("attack (epsilon and step size in 1/255 units)")
-    g.add_argument("--epsilon", type=nonneg_float, default=8.0,
+    g.add_argument("--epsilon", type=utils.pixel_units, default=8.0,
                    help="L-inf radius of the training and evaluation attacks (default 8)")
-    g.add_argument("--step-size", type=nonneg_float, default=2.0, help="PGD step size (default 2)")
+    g.add_argument("--step-size", type=utils.pixel_units, default=2.0, help="PGD step size (default 2)")
     g.add_argument("--pgd-steps", type=nonneg_int, default=10, help="PGD steps of the training attack (default 10)")
     g.add_argument("--eval-pgd-steps", type=nonneg_int, default=20,
                    help="PGD steps of the per-epoch evaluation (default 20)")
@@ -712,15 +713,14 @@ def add_loss_arguments(p):
 
 
 def add_piat_arguments(p):
-    nonneg_float = utils.non_negative(float)
     g = p.add_argument_group("PIAT: theta <- alpha*theta_prev + (1-alpha)*theta after every epoch")
     g.add_argument("--piat", action=argparse.BooleanOptionalAction, default=True,
                    help="interpolate all floating-point weights after every epoch (on by default)")
-    g.add_argument("--alpha-max", type=nonneg_float, default=0.99,
+    g.add_argument("--alpha-max", type=utils.unit_interval, default=0.99,
                    help="alpha_t = min(alpha_max, (t+a)/(t+b)) (reconstruction of Eq. 10)")
-    g.add_argument("--alpha-a", type=float, default=1.0, help="a in alpha_t (reconstruction)")
-    g.add_argument("--alpha-b", type=float, default=10.0, help="b in alpha_t (reconstruction)")
-    g.add_argument("--alpha-fixed", type=nonneg_float, default=None,
+    g.add_argument("--alpha-a", type=utils.non_negative(float), default=1.0, help="a in alpha_t (reconstruction)")
+    g.add_argument("--alpha-b", type=utils.positive(float), default=10.0, help="b in alpha_t (reconstruction)")
+    g.add_argument("--alpha-fixed", type=utils.unit_interval, default=None,
                    help="a constant alpha instead (the paper's Fig. 9)")
 
 
@@ -735,10 +735,6 @@ def fill_defaults(args):
         args.lr_milestones = [round(1 + 35 * scale, 6), round(1 + 37 * scale, 6)]
     if args.ap_warmup_epochs is None:
         args.ap_warmup_epochs = round(10 * scale, 6)
-    if args.alpha_fixed is not None and not args.alpha_fixed <= 1:
-        raise utils.UserError(f"--alpha-fixed must lie in [0, 1], got {args.alpha_fixed}")
-    if not args.alpha_max <= 1:
-        raise utils.UserError(f"--alpha-max must lie in [0, 1], got {args.alpha_max}")
     if args.pretrained_file and not args.pretrained:
         raise utils.UserError("--pretrained-file and --no-pretrained contradict each other; drop one")
     try:
@@ -777,13 +773,11 @@ def main(argv=None):
         args, resume = utils.resume_run(args, "train_vit.py")
     rank, world_size, device = utils.setup_distributed(args.device)
     try:
-        return train(args, resume, rank, world_size, device)
+        with utils.run_guard(__file__):  # stop signals, and status.json when the run stops early
+            return train(args, resume, rank, world_size, device)
     finally:
         utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except utils.UserError as err:
-        sys.exit(f"{os.path.basename(__file__)}: error: {err}")
+    sys.exit(utils.run_main(main, __file__))  # one line and an exit code of its own for each way a run stops early

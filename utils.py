@@ -6,13 +6,19 @@ AutoAttack never see normalised pixels.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import platform
 import random
+import shlex
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -35,13 +41,33 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def non_negative(kind):
-    """argparse `type=` that rejects negative numbers with a readable message."""
+def _finite(kind, text):
+    """kind(text), refusing nan and inf: a flag holds a number it can mean."""
+    value = kind(text)  # a ValueError becomes argparse's "invalid float value: ..."
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def finite(kind):
+    """argparse `type=` for a number of either sign that must be finite (not nan, not inf)."""
 
     def parse(text):
-        value = kind(text)
+        return _finite(kind, text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value"
+    return parse
+
+
+def non_negative(kind, at_most=None):
+    """argparse `type=` that rejects nan, inf, negative numbers and, when given, numbers above `at_most`."""
+
+    def parse(text):
+        value = _finite(kind, text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -49,10 +75,10 @@ def non_negative(kind):
 
 
 def positive(kind):
-    """argparse `type=` that rejects zero and negative numbers."""
+    """argparse `type=` that rejects nan, inf, zero and negative numbers."""
 
     def parse(text):
-        value = kind(text)
+        value = _finite(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -61,12 +87,33 @@ def positive(kind):
     return parse
 
 
+def between(kind, low, high):
+    """argparse `type=` for a finite number in [low, high]."""
+
+    def parse(text):
+        value = _finite(kind, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# α, β, decays, momentum: weights of a convex combination
+unit_interval = between(float, 0, 1)
+# every seed numpy accepts
+seed_number = between(int, 0, 2**32 - 1)
+# ε and step sizes, in 1/255 units: 255 is the whole pixel range
+pixel_units = non_negative(float, at_most=255)
+
+
 def add_run_arguments(parser, exp_name):
     """The "run" flags of every training script: what the run is called, its seed, device and folder."""
     g = parser.add_argument_group("run")
     g.add_argument("--exp-name", type=str, default=exp_name,
                    help="name used in the run folder (default: the script's name)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random number generator (default 0)")
+    g.add_argument("--seed", type=seed_number, default=0, help="seed of every random number generator (default 0)")
     g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--out-dir", type=str, default=None,
                    help="run folder (default: runs/<dataset>__<exp-name>__<seed>__<unix time>)")
@@ -106,9 +153,27 @@ def seed_everything(seed):
 
 
 def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """torch.device(--device), or cuda when there is one, else cpu; one UserError for a device this machine lacks."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":  # checked without touching the GPU: every torchrun process would open one on cuda:0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise UserError(f"--device {name}, but this machine has {count} usable CUDA device(s); use --device cpu "
+                            f"or another device")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--device {name} cannot be used here: {reason[:200]}") from None
+        if device.type == "meta":
+            raise UserError("--device meta holds no data: use cpu or a GPU")
+    return device
 
 
 def setup_distributed(device_name=None):
@@ -127,7 +192,11 @@ def setup_distributed(device_name=None):
 
 
 def cleanup_distributed():
+    """Leave the process group. On the way out of a failed or interrupted run (called from a `finally`), the
+    barrier is skipped: the other ranks may be gone already, and waiting for them could hang for ever."""
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is not None:
+            return
         dist.barrier()  # let every rank finish its collectives before the group goes away
         dist.destroy_process_group()
 
@@ -304,41 +373,61 @@ def load_torchvision(name, root):
     return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, flip=name != "svhn")
 
 
-def _read_image_folder(folder, image_size):
-    from PIL import Image
+def _scan_image_folder(folder):
+    """torchvision's ImageFolder index of `folder` (class folders and their image files), or one UserError."""
     from torchvision.datasets import ImageFolder
 
     try:
-        ds = ImageFolder(folder)
+        return ImageFolder(folder)
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"cannot read image folder {folder}: {err}") from None
+
+
+def _read_images(dataset, folder, image_size):
+    """(uint8 images NCHW, int64 labels) of a scanned ImageFolder; a file that is no readable image gets one
+    UserError naming it."""
+    from PIL import Image
+
     images = []
-    for path, _ in ds.samples:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if image_size:
-                img = img.resize((image_size, image_size), Image.BILINEAR)
-            images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if image_size:
+                    img = img.resize((image_size, image_size), Image.BILINEAR)
+                images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+        except Exception as err:  # not an image, truncated, unreadable, too large: all about this one file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{path} is not a readable image ({type(err).__name__}: {reason[:200]}); "
+                            "fix or remove it") from None
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise UserError(f"images in {folder} have different sizes {sorted(shapes)[:3]}...; pass --image-size")
-    labels = torch.as_tensor([label for _, label in ds.samples], dtype=torch.int64)
-    return torch.stack(images), labels, ds.classes
+    labels = torch.as_tensor([label for _, label in dataset.samples], dtype=torch.int64)
+    return torch.stack(images), labels
 
 
 def load_image_folder(root, image_size=None):
-    """torchvision's ImageFolder layout: root/train/<class>/*.png and root/test/<class>/*.png."""
+    """torchvision's ImageFolder layout: root/train/<class>/*.png and root/test/<class>/*.png, the same classes
+    in both (checked before any image is read)."""
     root = Path(root)
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise UserError(f"--dataset imagefolder needs {root}/train/<class>/ and {root}/test/<class>/ "
                         f"folders; {', '.join(str(root / m) for m in missing)} not found")
-    x_train, y_train, classes = _read_image_folder(root / "train", image_size)
-    x_test, y_test, test_classes = _read_image_folder(root / "test", image_size)
-    if test_classes != classes:
-        raise UserError(f"{root}/train and {root}/test hold different class folders")
+    train, test = _scan_image_folder(root / "train"), _scan_image_folder(root / "test")
+    if train.classes != test.classes:
+        only = [(c, "test", "train") for c in test.classes if c not in train.classes]
+        only += [(c, "train", "test") for c in train.classes if c not in test.classes]
+        raise UserError("; ".join(f"class folder {c!r} is in {root / here} but not in {root / there}"
+                                  for c, here, there in only[:3]) + ("; ..." if len(only) > 3 else ""))
+    x_train, y_train = _read_images(train, root / "train", image_size)
+    x_test, y_test = _read_images(test, root / "test", image_size)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(f"the images in {root}/train are {tuple(x_train.shape[1:])} but those in {root}/test are "
+                        f"{tuple(x_test.shape[1:])}; pass --image-size")
     mean, std = channel_stats(x_train)
-    return ImageData(x_train, y_train, x_test, y_test, len(classes), mean, std, flip=True)
+    return ImageData(x_train, y_train, x_test, y_test, len(train.classes), mean, std, flip=True)
 
 
 def load_dataset(name, data_dir, image_size=None):
@@ -566,9 +655,13 @@ def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **
 
 def atomic_write(path, write):
     """Call write(binary file) on a temporary file in the same folder, then rename it over `path`: a
-    crash leaves either the old file or the new one, never half of one."""
+    crash leaves either the old file or the new one, never half of one. A failure of the file system (a full
+    disk, a lost permission) is raised as an OSError naming `path`, even where torch.save wraps it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -578,10 +671,26 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except Exception as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = next((e for e in _exception_chain(err) if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from None
+    except BaseException:  # Ctrl-C while writing: no temporary file left behind
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _exception_chain(err):
+    """err, the exception it was raised from or while handling, and so on."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def save_json(obj, path):
@@ -634,42 +743,141 @@ def load_checkpoint(path, map_location="cpu"):
 def resume_run(args, script):
     """(the run's own flags, its final.pt) to continue `args.resume` from. The flags the interrupted run
     was started with win, except where to run (--device), where to write (the run folder itself) and,
-    when given, where the data lives (--data-dir). A final.pt of another script, or one holding no
-    training state, gets one clear UserError."""
+    when given, where the data lives (--data-dir). A final.pt of another script, one holding no
+    training state, a run that diverged or one another process is training get one clear UserError."""
     checkpoint = load_checkpoint(Path(args.resume) / "final.pt")
     written_by = checkpoint.get("script", "another script")
     if written_by != script:
         raise UserError(f"{args.resume}/final.pt was written by {written_by}, not {script}; resume it with that script")
     if "resume" not in checkpoint:
         raise UserError(f"{args.resume}/final.pt holds no training state to resume from")
+    status = read_status(args.resume) or {}
+    if status.get("status") == "diverged":
+        raise UserError(f"{args.resume} diverged at epoch {status.get('epoch')}, step {status.get('step')} "
+                        "(status.json): resumed with its own flags it would diverge again; start a new run with a "
+                        f"lower --lr or --no-amp (or delete {args.resume}/status.json to resume anyway)")
+    _refuse_if_in_use(args.resume, status)
+    _refuse_unless_writable(args.resume)
     saved = dict(checkpoint["args"])
     saved.update(resume=args.resume, device=args.device, out_dir=args.resume,
                  data_dir=args.data_dir or saved["data_dir"])
+    RUN.epochs_saved = checkpoint["epoch"]
     return argparse.Namespace(**saved), checkpoint
 
 
 def make_run_dir(args):
-    """A new run folder (args.out_dir, or runs/<dataset>__<exp-name>__<seed>__<unix time>); one that
-    already holds a run is refused, so nothing is overwritten."""
+    """A new run folder (args.out_dir, or runs/<dataset>__<exp-name>__<seed>__<unix time>). Refused with one
+    UserError, before anything is written, when it already holds a run (a final.pt; or the args.json of a run of
+    another script or seed that saved no epoch yet), another process is training in it, or it cannot be written.
+    The args.json of the same script and seed (a run stopped before its first epoch ended) is started over."""
     if args.out_dir is None:
         args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out-dir {run_dir} is a file, not a folder")
+    status = read_status(run_dir) or {}
+    other = status.get("script") if status.get("script") not in (None, RUN.script) else None
     if (run_dir / "final.pt").exists():
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+        how = f"python {other} --resume {run_dir}" if other else f"--resume {run_dir}"
+        raise UserError(f"{run_dir} already holds a run{f' of {other}' if other else ''}; continue it with {how} "
                         "or choose another --out-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_if_in_use(run_dir, status)
+    if (run_dir / "args.json").exists():
+        _refuse_another_start(run_dir, args, other)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}") from None
+    _refuse_unless_writable(run_dir)
     return run_dir
+
+
+def _refuse_another_start(run_dir, args, other_script):
+    """One UserError when run_dir/args.json is that of a run of another script (as its status.json says), or of
+    another seed."""
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or other_script:
+        raise UserError(f"{run_dir} holds the args.json of a run of {other_script or 'another program'} that saved "
+                        f"no epoch yet; choose another --out-dir, or delete {run_dir} to start over there")
+    if saved.get("seed") != args.seed:
+        raise UserError(f"{run_dir} holds the args.json of a run with --seed {saved.get('seed')} that saved no "
+                        f"epoch yet, not --seed {args.seed}; choose another --out-dir, or delete {run_dir} to start "
+                        "over there")
+
+
+def _refuse_unless_writable(run_dir):
+    """One UserError unless a file can be created in run_dir (permissions, a read-only file system, a quota)."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write the run folder {run_dir}: {err.strerror or err}") from None
+
+
+def _refuse_if_in_use(run_dir, status):
+    """One UserError when status.json says a live process on this machine is training the run in run_dir."""
+    pid = status.get("pid")
+    if status.get("status") != "running" or status.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return
+    if pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return  # killed (SIGKILL, a power cut): its status.json still says "running"
+    except PermissionError:
+        pass  # it exists, under another user
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        if str(status.get("script")) not in command:
+            return  # the number belongs to another program now
+    except OSError:
+        pass
+    raise UserError(f"{run_dir} is being trained by process {pid} of {status.get('script')} on this machine "
+                    "(status.json); wait for it, stop it, or choose another --out-dir")
 
 
 def open_run_dir(args, resumed, is_main):
-    """The run folder: the resumed run's own, or (rank 0) a new one with args.json; None on other ranks."""
+    """The run folder: the resumed run's own, or (rank 0) a new one with args.json; None on other ranks.
+    Rank 0 then says "running" in its status.json."""
     if resumed:
-        return Path(args.resume)
-    if not is_main:
+        run_dir = Path(args.resume)
+    elif not is_main:
         return None
-    run_dir = make_run_dir(args)
-    save_json(vars(args), run_dir / "args.json")
+    else:
+        RUN.epochs_saved = 0
+        run_dir = make_run_dir(args)
+        save_json(vars(args), run_dir / "args.json")
+    if is_main:
+        RUN.dir, RUN.args = run_dir, args
+        write_status(run_dir, "running")
     return run_dir
+
+
+def read_status(run_dir):
+    """RUN_DIR/status.json as a dict (see write_status), or None when there is none or it is unreadable."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def write_status(run_dir, status, **fields):
+    """RUN_DIR/status.json, written atomically: why the run stopped, for evaluate.py and sweep launchers.
+    status: "running" (or killed without a word: see pid and host), "finished", "diverged", "interrupted" or
+    "failed"; epochs_saved: the epochs final.pt holds (what --resume continues after); epoch, step: where it
+    stopped, counted from 1 (null when not inside an epoch); message: the line the script printed;
+    exit_code: the script's exit status (README, "When something goes wrong"; null while running)."""
+    record = {"status": status, "script": RUN.script, "epochs_saved": RUN.epochs_saved,
+              "epochs": getattr(RUN.args, "epochs", None), "epoch": None, "step": None, "message": None,
+              "exit_code": None, "pid": os.getpid(), "host": socket.gethostname(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record.update(fields)
+    save_json(record, Path(run_dir) / "status.json")
 
 
 def load_resumed_state(model, state, args, what=None):
@@ -694,19 +902,248 @@ def is_best(metrics, column):
 
 def write_epoch(run_dir, checkpoint, resume_state, metrics, column, log, title):
     """End of an epoch on rank 0: best.pt (when the epoch is the best so far) and final.pt with the training
-    state `resume_state`, each written atomically; then the metrics.csv row and curves.png. Checkpoints
-    first, so a crash never leaves a logged row without its weights."""
-    if is_best(metrics, column):
-        save_checkpoint(checkpoint, run_dir / "best.pt")
-    save_checkpoint({**checkpoint, "resume": resume_state}, run_dir / "final.pt")
-    log.write(metrics[-1])
-    plot_curves(metrics, run_dir / "curves.png", title=title)
+    state `resume_state`, each written atomically; then the metrics.csv row, status.json and curves.png.
+    Checkpoints first, so a crash never leaves a logged row without its weights; weights that are not finite
+    are never written (Diverged); a stop signal that arrives meanwhile waits until all of them are written."""
+    problem = first_non_finite(checkpoint["model"])
+    if problem:
+        raise Diverged(f"{problem[0]} of the saved model", problem[1], len(metrics))
+    with stop_signals_deferred():
+        if is_best(metrics, column):
+            save_checkpoint(checkpoint, run_dir / "best.pt")
+        save_checkpoint({**checkpoint, "resume": resume_state}, run_dir / "final.pt")
+        RUN.epochs_saved = checkpoint["epoch"]
+        log.write(metrics[-1])
+        write_status(run_dir, "running")
+        plot_curves(metrics, run_dir / "curves.png", title=title)
 
 
 def report_done(metrics, column, run_dir):
     best = max(metrics, key=lambda m: m[column])
-    print(f"done: best {column} {best[column]:.4f} at epoch {best['epoch']}, final {metrics[-1][column]:.4f}; "
-          f"outputs in {run_dir}")
+    line = (f"done: best {column} {best[column]:.4f} at epoch {best['epoch']}, final {metrics[-1][column]:.4f}; "
+            f"outputs in {run_dir}")
+    print(line)
+    write_status(run_dir, "finished", epochs_saved=len(metrics), epoch=len(metrics), message=line, exit_code=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# When a run stops early: divergence, stop signals, status.json and the scripts' exit codes (the README's
+# "When something goes wrong"). A script's train() calls check_finite every step and check_finite_weights
+# before saving an epoch; its main() runs train() inside run_guard; its __main__ is run_main.
+# ----------------------------------------------------------------------------------------------
+
+EXIT_BAD_INPUT, EXIT_BAD_FLAG, EXIT_DIVERGED, EXIT_MACHINE = 1, 2, 3, 4
+# Ctrl-C; what Slurm sends before preemption (SIGTERM) and, on some clusters, before a requeue (SIGUSR2). Each
+# ends a run with exit code 128 + its number (130, 143, 140), the shell's convention.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+
+
+class Diverged(RuntimeError):
+    """A training loss or weights that are not finite. `epoch` and `step` count from 1 (step None: at the
+    end of the epoch). Raised before anything of the epoch is written, so best.pt and final.pt keep the last
+    finite weights."""
+
+    def __init__(self, what, value, epoch, step=None):
+        where = f"epoch {epoch}, step {step}" if step else f"the end of epoch {epoch}"
+        super().__init__(f"{what} is {value} at {where}")
+        self.what, self.value, self.epoch, self.step = what, value, epoch, step
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised in the main thread as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _RunRecord:
+    """What this process knows of the run it writes (rank 0), for status.json and the line a run that stops
+    early prints: the script and how it was launched (run_guard), the folder and flags (open_run_dir), the
+    epochs final.pt holds (resume_run, write_epoch), and a stop signal held back (stop_signals_deferred)."""
+
+    def __init__(self):
+        self.script = self.command = self.dir = self.args = self.pending = None
+        self.epochs_saved = self.deferring = 0
+
+
+RUN = _RunRecord()
+
+
+def check_finite(epoch, step, **losses):
+    """Raise Diverged when a training loss (each given by name: training_loss=loss) is nan or inf. Call it
+    once per step, after the loss and before backward(), with the loop's 0-indexed epoch and step. Reading
+    the verdict is one host synchronisation per step, which the loops otherwise avoid: negligible next to a
+    PGD-10 step (eleven forward and backward passes). Under torchrun the verdict is summed over the ranks,
+    so every rank stops at the same step instead of waiting for the others in the next all-reduce."""
+    values = torch.stack([loss.detach().float().reshape(()) for loss in losses.values()])
+    bad = all_reduce_sum_((~torch.isfinite(values)).float())
+    if not bad.any():
+        return
+    for name, value, anywhere in zip(losses, values.tolist(), bad.tolist()):
+        if anywhere:
+            shown = value if not math.isfinite(value) else "not finite on another rank"
+            raise Diverged(f"the {name.replace('_', ' ')}", shown, epoch + 1, step + 1)
+
+
+def check_finite_weights(epoch, **models):
+    """Raise Diverged when a floating-point weight or buffer of a model (each given by name: model=model) is
+    nan or inf after the 0-indexed `epoch` (None models are skipped). Call it on every rank, before anything of
+    the epoch is saved."""
+    for name, model in models.items():
+        problem = first_non_finite(model.state_dict()) if model is not None else None
+        if problem:
+            raise Diverged(f"{problem[0]} of the {name.replace('_', ' ')}", problem[1], epoch + 1)
+
+
+def first_non_finite(state):
+    """(name, value) of the first floating-point tensor of a state_dict holding nan or inf, else None; one host
+    synchronisation when all are finite."""
+    floats = [(name, t) for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
+    if finite.all():
+        return None
+    name, tensor = floats[int((~finite).nonzero()[0, 0])]
+    return name, tensor[~torch.isfinite(tensor)].flatten()[0].item()
+
+
+def _on_stop_signal(signum, frame):
+    if RUN.deferring:
+        RUN.pending = signum  # raised when the deferred block ends
+        return
+    raise Interrupted(signum)
+
+
+def install_stop_handlers():
+    """Make every STOP_SIGNALS raise Interrupted (only the main thread can handle signals); returns the handlers
+    it replaced. A signal the process was told to ignore (a shell's `cmd &` ignores SIGINT) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS
+            if signal.getsignal(signum) is not signal.SIG_IGN}
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    """A stop signal that arrives inside the block is raised when the block ends: files written together agree."""
+    RUN.deferring += 1
+    try:
+        yield
+    finally:
+        RUN.deferring -= 1
+    if RUN.pending is not None and not RUN.deferring:
+        signum, RUN.pending = RUN.pending, None
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def run_guard(script_file):
+    """Around a training script's train(): stop signals raise Interrupted, and a run that stops early (it
+    diverged, was interrupted or failed) says why in its status.json before the exception goes on to run_main,
+    which prints the same line. Without a run folder yet (bad input found while setting up), nothing is written."""
+    RUN.script = os.path.basename(script_file)
+    RUN.command = _launch_command(script_file)
+    previous = install_stop_handlers()
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as err:
+        RUN.deferring += 1  # a second Ctrl-C must not cut status.json short
+        err.stop = describe_stop(err)
+        if RUN.dir is not None:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            epoch = getattr(err, "epoch", None) or (RUN.epochs_saved + 1 if interrupted else None)
+            with contextlib.suppress(Exception):  # a full disk must not hide why the run stopped
+                write_status(RUN.dir, err.stop.status, epoch=epoch, step=getattr(err, "step", None),
+                             message=err.stop.line, exit_code=err.stop.exit_code)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        RUN.__init__()
+
+
+def _launch_command(script_file):
+    """How to start this script again: as it was typed (python train_piat.py, torchrun ... train_piat.py)."""
+    name = os.path.basename(script_file)
+    typed = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == name else name
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return f"torchrun --nproc_per_node={processes} {typed}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        else f"python {typed}"
+
+
+class Stop(NamedTuple):
+    """How a script ends when `main()` raised: status.json's status, the exit code, the line after
+    "<script>: ", and whether that line says it all (False: a bug, whose traceback is kept)."""
+
+    status: str
+    exit_code: int
+    line: str
+    expected: bool
+
+
+def describe_stop(err):
+    """The Stop for an exception that ended main()."""
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    if isinstance(err, UserError):
+        return Stop("failed", EXIT_BAD_INPUT, f"error: {err}", True)
+    if isinstance(err, Diverged):
+        return Stop("diverged", EXIT_DIVERGED, _diverged_line(err), True)
+    if isinstance(err, KeyboardInterrupt):
+        signum = getattr(err, "signum", signal.SIGINT)
+        return Stop("interrupted", 128 + signum, _interrupted_line(signal.Signals(signum).name), True)
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return Stop("failed", EXIT_MACHINE, f"error: out of memory ({first}); try a smaller --batch-size or "
+                                            "--eval-batch-size", True)
+    if isinstance(err, OSError):
+        return Stop("failed", EXIT_MACHINE, f"error: {first}", True)
+    return Stop("failed", 1, f"{type(err).__name__}: {first}", False)
+
+
+def _diverged_line(err):
+    kept = (f"best.pt and final.pt keep the last finite weights (final.pt: epoch {RUN.epochs_saved})"
+            if RUN.epochs_saved else "nothing was saved: no epoch ended with finite weights")
+    lr = getattr(RUN.args, "lr", None)
+    hint = "try a lower --lr" + (f" than {lr:g}" if isinstance(lr, (int, float)) else "")
+    if getattr(RUN.args, "amp", True):
+        hint += " or --no-amp"
+    return f"diverged: {err}; {kept}; {hint}"
+
+
+def _interrupted_line(name):
+    if RUN.script is None:
+        return f"interrupted by {name}"
+    if RUN.dir is None:
+        return f"interrupted by {name} before training started; nothing was written"
+    saved, epochs = RUN.epochs_saved, getattr(RUN.args, "epochs", None)
+    if saved == 0:
+        return (f"interrupted by {name} in epoch 1, before any epoch was saved; run the same command again to start "
+                f"over ({RUN.dir} holds only its flags)")
+    if epochs is not None and saved >= epochs:
+        return f"interrupted by {name} after its last epoch; {RUN.dir} is complete"
+    held = f"epoch {saved}" if saved == 1 else f"epochs 1-{saved}"
+    return (f"interrupted by {name} in epoch {saved + 1}; {RUN.dir}/final.pt holds {held}; continue exactly from "
+            f"there with: {RUN.command} --resume {shlex.quote(str(RUN.dir))}")
+
+
+def run_main(main, script_file):
+    """What a script's `if __name__ == "__main__":` runs: main() with stop signals handled, then, for every way it
+    can end early, one line on stderr ("<script>: ...") and the exit code of the README's "When something goes
+    wrong" (returned for sys.exit); a bug keeps its traceback. Under torchrun, only rank 0 reports a divergence
+    or an interrupt (every rank stops at the same point)."""
+    install_stop_handlers()
+    try:
+        main()
+    except (Exception, KeyboardInterrupt) as err:
+        RUN.deferring += 1  # a second Ctrl-C must not turn the one line into a traceback
+        stop = getattr(err, "stop", None) or describe_stop(err)
+        if not stop.expected:
+            raise
+        if os.environ.get("RANK", "0") == "0" or not isinstance(err, (Diverged, KeyboardInterrupt)):
+            print(f"{os.path.basename(script_file)}: {stop.line}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,6 +1242,9 @@ def wrap_network(model, compile=False, world_size=1):
 def steps_per_epoch(n_train, batch_size, world_size=1):
     """Batches per epoch; under torchrun every rank takes the same number of equal steps, so the last
     partial batch is dropped."""
+    if world_size > 1 and n_train < batch_size:
+        raise UserError(f"--batch-size {batch_size} (the global batch) is larger than the {n_train} training images: "
+                        f"under torchrun every step takes a whole batch")
     return math.ceil(n_train / batch_size) if world_size == 1 else n_train // batch_size
 
 

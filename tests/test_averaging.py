@@ -143,7 +143,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, flags):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--ema", "1.5"], "--ema must lie in (0, 1)"),
+    (["--ema", "1.5"], "--ema: must lie in [0, 1], got 1.5"),
     (["--ema", "0.9", "--swa-start", "2"], "two weight averages"),
     (["--swa-start", "9", "--epochs", "3"], "--swa-start 9 is after the last epoch"),
     (["--piat-every", "0"], "--piat-every: must be > 0"),

@@ -17,7 +17,7 @@ import train_rdat as tr
 import utils
 from conftest import TINY, kill_after_first_checkpoint, run_script
 
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json"]
 
 
 
@@ -325,7 +325,8 @@ def test_torchrun_two_gloo_processes_end_with_identical_global_learners(tmp_path
 def test_bad_flag_gets_one_line_and_writes_nothing(tmp_path):
     result = run_script(tr.__file__, *TINY, "--out-dir", tmp_path / "out", "--beta-final", "1.5")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and lines == ["train_rdat.py: error: --beta-final must lie in [0, 1], got 1.5"]
+    assert result.returncode == 2
+    assert lines == ["train_rdat.py: error: argument --beta-final: must lie in [0, 1], got 1.5"]
     assert not (tmp_path / "out").exists()
 
 

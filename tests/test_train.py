@@ -12,6 +12,9 @@ import utils
 from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json"]
+
+
 def run(tmp_path, *extra, name="run"):
     out = tmp_path / name
     tp.main([*TINY, "--out-dir", str(out), *map(str, extra)])
@@ -20,7 +23,7 @@ def run(tmp_path, *extra, name="run"):
 
 def test_two_epochs_write_every_output_and_learn(tmp_path):
     out = run(tmp_path, "--epochs", "2", "--train-size", "1024", "--eval-size", "256")
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     rows = utils.read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     for column in tp.METRIC_FIELDS[:8] + ["epoch_seconds", "images_per_second"]:
@@ -37,6 +40,8 @@ def test_two_epochs_write_every_output_and_learn(tmp_path):
     assert final["epoch"] == 2 and final["args"]["arch"] == "small-cnn" and len(final["metrics"]) == 2
     best_epoch = max(rows, key=lambda r: r["test_pgd20_acc"])["epoch"]
     assert best["epoch"] == best_epoch and "resume" not in best
+    status = json.loads((out / "status.json").read_text())
+    assert (status["status"], status["epochs_saved"], status["exit_code"]) == ("finished", 2, 0)
     # the checkpoint alone rebuilds the model, and it reproduces the logged accuracy
     model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
     model.load_state_dict(final["model"])
@@ -58,7 +63,7 @@ def test_piat_off_leaves_weights_uninterpolated(tmp_path, monkeypatch):
     assert not called
     rows = utils.read_metrics(out / "metrics.csv")
     assert [r["alpha"] for r in rows] == [0, 0]
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == OUTPUTS
 
 
 def test_piat_interpolates_with_the_previous_epochs_weights(tmp_path, monkeypatch):
@@ -161,7 +166,7 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     (["--pgd-steps", "-1"], "--pgd-steps: must be >= 0"),
     (["--batch-size", "0"], "--batch-size: must be > 0"),
     (["--arch", "vgg"], "invalid choice: 'vgg'"),
-    (["--alpha-fixed", "1.5"], "--alpha-fixed must lie in [0, 1]"),
+    (["--alpha-fixed", "1.5"], "--alpha-fixed: must lie in [0, 1], got 1.5"),
 ])
 def test_bad_flags_get_one_line(tmp_path, flags, message):
     result = run_script(tp.__file__, *TINY, "--out-dir", tmp_path / "out", *flags)
@@ -242,4 +247,4 @@ def test_script_runs_when_copied_alone_into_an_empty_folder(tmp_path, root):
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("synthetic__train_piat__0__")
-    assert {"args.json", "metrics.csv", "best.pt", "final.pt", "curves.png"} <= {p.name for p in run_dir.iterdir()}
+    assert set(OUTPUTS) <= {p.name for p in run_dir.iterdir()}
