@@ -587,9 +587,10 @@ against attack effort) to NAME.sanity.png beside it; exit status 0, or 1 on a FA
 Cost, in passes of PGD-20 over the same images: roughly 2 (PGD-20, CW-20, FGSM, gradients) + 5 x clean accuracy
 (the sweep) + 15 x the share still robust after PGD-20 (3 restarts of PGD-100) + 17 x the share left by every
 white-box attack (Square's 1000 queries, one forward pass each). Measured with python evaluate.py CKPT --sanity
-on real CIFAR-10 images (a 2-core x86 VM (Intel Xeon), no GPU, torch 2.14, one thread): 5.8x for pyautoattack's
-undefended ResNet-18 (100 images, 0 % robust), 8.1x for a 3-epoch PGD-AT small-cnn (500 images, 22 % PGD-20);
-a ResNet-18 at 80 % clean and 50 % robust accuracy comes to about 20x (AutoAttack standard: ~50x)."""
+on real CIFAR-10 images (a 2-core x86 VM (Intel Xeon), no GPU, torch 2.14, one thread, shared with other jobs):
+5.8x for pyautoattack's undefended ResNet-18 (100 images, 0 % robust), 8.1x and 11.5x in two runs for a 3-epoch
+PGD-AT small-cnn (500 images, 22 % PGD-20); a ResNet-18 at 80 % clean and 50 % robust accuracy comes to about 20x
+(AutoAttack standard: ~50x)."""
 SANITY_N = 500  # test images of the checklist when --n-examples is not given
 Z = 2.0  # a gap is flagged only when it exceeds its tolerance by Z standard errors (one-sided, ~98 %)
 # Tolerated accuracy gaps (WARN above the first, FAIL above the second): honest models show ~0-2 points
