@@ -20,7 +20,8 @@ def run(tmp_path, *extra, name="run"):
 
 def test_two_epochs_write_every_output_and_learn(tmp_path):
     out = run(tmp_path, "--epochs", "2", "--train-size", "1024", "--eval-size", "256")
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv",
+                                                     "tensorboard"]
     rows = utils.read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     for column in tp.METRIC_FIELDS[:8] + ["epoch_seconds", "images_per_second"]:
@@ -58,7 +59,8 @@ def test_piat_off_leaves_weights_uninterpolated(tmp_path, monkeypatch):
     assert not called
     rows = utils.read_metrics(out / "metrics.csv")
     assert [r["alpha"] for r in rows] == [0, 0]
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv",
+                                                     "tensorboard"]
 
 
 def test_piat_interpolates_with_the_previous_epochs_weights(tmp_path, monkeypatch):
