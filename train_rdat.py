@@ -422,7 +422,7 @@ def train(args, resume, rank, world_size, device):
     learners = Learners(utils.wrap_network(robust, args.compile, world_size),
                         utils.wrap_network(natural, args.compile, world_size), ema_robust, ema_natural,
                         utils.wrap_network(global_model, args.compile))
-    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics) if is_main else None
+    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics, args) if is_main else None
     if is_main:
         announce(args, len(split["train"][0]), world_size, device, run_dir)
 

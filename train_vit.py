@@ -380,7 +380,7 @@ def train(args, resume, rank, world_size, device):
         prev_state, metrics = restore_training_state_(resume, model, optimizer, args, rank)
     run_dir = utils.open_run_dir(args, resume is not None, is_main)
     net = utils.wrap_network(model, args.compile, world_size)
-    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics) if is_main else None
+    log = utils.MetricsLog(run_dir / "metrics.csv", METRIC_FIELDS, metrics, args) if is_main else None
     if is_main:
         announce(args, len(split["train"][0]), world_size, device, run_dir)
 

@@ -119,6 +119,11 @@ def add_run_arguments(parser, exp_name):
                    help="run folder (default: runs/<dataset>__<exp-name>__<seed>__<unix time>)")
     g.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
                    help="continue the interrupted run in RUN_DIR from its final.pt, with the flags it was started with")
+    g.add_argument("--track", action="store_true",
+                   help="also log metrics.csv's scalars to Weights & Biases (TensorBoard event files are always "
+                        "written into RUN_DIR/tensorboard); WANDB_MODE=offline keeps the W&B run in RUN_DIR/wandb")
+    g.add_argument("--wandb-project", type=str, default="piat", help="W&B project of --track (default: piat)")
+    g.add_argument("--wandb-entity", type=str, default=None, help="W&B team or user of --track (default: yours)")
 
 
 def add_data_arguments(parser):
@@ -717,9 +722,10 @@ def not_a_torch_file(path):
     return f"{path} is not a checkpoint at all ({kind}: torch.save writes a zip archive or a pickle)"
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """Load a checkpoint written by save_checkpoint; one clear UserError for a missing, truncated
-    or foreign file, or one that is no checkpoint at all."""
+    or foreign file, or one that is no checkpoint at all. mmap=True maps the tensors instead of reading
+    them (fast when only the metadata is wanted)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
@@ -727,7 +733,7 @@ def load_checkpoint(path, map_location="cpu"):
     if problem:
         raise UserError(problem)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # never runs pickled code
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)  # runs no pickled code
     except Exception as err:
         if "Weights only load failed" in str(err):
             raise UserError(f"{path} pickles Python objects, which this project's checkpoints never do: not one of "
@@ -761,6 +767,8 @@ def resume_run(args, script):
     saved = dict(checkpoint["args"])
     saved.update(resume=args.resume, device=args.device, out_dir=args.resume,
                  data_dir=args.data_dir or saved["data_dir"])
+    if args.track:  # tracking can be switched on when continuing a run; it changes no result
+        saved.update(track=True, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
     RUN.epochs_saved = checkpoint["epoch"]
     return argparse.Namespace(**saved), checkpoint
 
@@ -1279,23 +1287,95 @@ def check_ranks_agree(models, names, world_size):
 
 
 class MetricsLog:
-    """metrics.csv, one row per epoch, flushed as it goes. `rows` are rewritten first, so a resumed
-    run's file holds exactly the epochs its checkpoint holds."""
+    """metrics.csv, one row per epoch, flushed as it goes, and the same scalars for TensorBoard (and W&B
+    with --track: see Tracker). `rows` are rewritten first, so a resumed run's file holds exactly the
+    epochs its checkpoint holds. `args` (the run's flags) say whether and where W&B tracks it."""
 
-    def __init__(self, path, fields, rows=()):
+    def __init__(self, path, fields, rows=(), args=None):
         self.path, self.fields = Path(path), list(fields)
+        self.tracker = Tracker(self.path.parent, rows, args)
         self.file = open(self.path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore")
         self.writer.writeheader()
         for row in rows:
-            self.write(row)
+            self._write_row(row)
 
     def write(self, row):
+        self._write_row(row)
+        self.tracker.log(row)
+
+    def _write_row(self, row):
         self.writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
         self.file.flush()
 
     def close(self):
         self.file.close()
+        self.tracker.close()
+
+
+class Tracker:
+    """Experiment tracking, the CleanRL convention: every metrics.csv scalar but `epoch` (the step) goes to
+    TensorBoard event files in RUN_DIR/tensorboard and, with --track, to a Weights & Biases run (files in
+    RUN_DIR/wandb; WANDB_MODE=offline needs no network). A resumed run purges the older events and logs its
+    restored rows again, so the event files read back exactly as metrics.csv; it continues the same W&B run
+    (its id is kept in RUN_DIR/wandb/resume.json), logging the epochs W&B may not hold (the last one a killed
+    process logged, again). Neither touches metrics.csv or the checkpoints."""
+
+    def __init__(self, run_dir, rows=(), args=None):
+        self.run_dir, self.tensorboard, self.wandb = Path(run_dir), None, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("note: tensorboard is not installed (pip install tensorboard): no TensorBoard event files")
+        else:
+            # purge_step=1: a reader drops every event of an earlier process once it meets this writer's
+            self.tensorboard = SummaryWriter(self.run_dir / "tensorboard", purge_step=1 if rows else None)
+        if args is not None and getattr(args, "track", False):
+            self.wandb, self.wandb_logged = start_wandb(self.run_dir, args)
+        for row in rows:
+            self.log(row)
+
+    def log(self, row):
+        scalars = {k: v for k, v in row.items()
+                   if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, global_step=row["epoch"])
+            self.tensorboard.flush()
+        if self.wandb is not None and row["epoch"] > self.wandb_logged:
+            self.wandb.log(scalars, step=row["epoch"])
+            self.wandb_logged = row["epoch"]
+            # a killed process may take its last row with it, still in W&B's buffer: it is logged again on resume
+            self.save_wandb_record(self.wandb_logged - 1)
+
+    def save_wandb_record(self, epochs):
+        save_json({"id": self.wandb.id, "epochs": epochs}, self.run_dir / "wandb" / "resume.json")
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.save_wandb_record(self.wandb_logged)
+
+
+def start_wandb(run_dir, args):
+    """(the W&B run of `run_dir`, the last epoch it holds): a new run, or the one an earlier process of
+    this run folder logged to. Named WANDB_NAME or the folder's name; grouped by WANDB_RUN_GROUP."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--track needs Weights & Biases: pip install wandb") from None
+    record = run_dir / "wandb" / "resume.json"
+    record.parent.mkdir(exist_ok=True)
+    earlier = json.loads(record.read_text()) if record.exists() else {"id": os.urandom(4).hex(), "epochs": 0}
+    try:
+        run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, dir=str(run_dir), id=earlier["id"],
+                         resume="allow", name=os.environ.get("WANDB_NAME", run_dir.name), config=vars(args))
+    except wandb.errors.UsageError as err:
+        raise UserError(f"--track: {err} (WANDB_MODE=offline logs without an account)") from None
+    save_json(earlier, record)  # before the first epoch: a run killed early keeps its W&B id
+    return run, earlier["epochs"]
 
 
 def read_metrics(path):

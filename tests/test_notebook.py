@@ -45,7 +45,7 @@ def test_notebook_runs_in_quick_mode_and_writes_every_figure(tmp_path, root, mon
     runs = tmp_path / "runs"
     for loss in ("ce", "alp", "trades", "mart", "mail", "nmse"):
         for piat in ("piat", "nopiat"):
-            run = runs / f"{loss}-{piat}"
+            run = runs / "synthetic" / f"{loss}-{piat}" / "seed0"
             assert {"best.pt", "final.pt", "metrics.csv", "eval.json"} <= {p.name for p in run.iterdir()}, run
     # a second "Run all" reuses every run: nothing is retrained
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("final.pt")}

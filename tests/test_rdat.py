@@ -17,7 +17,7 @@ import train_rdat as tr
 import utils
 from conftest import TINY, kill_after_first_checkpoint, run_script
 
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json"]
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json", "tensorboard"]
 
 
 

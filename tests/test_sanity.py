@@ -283,7 +283,7 @@ def test_command_line_end_to_end(honest, tmp_path, capsys):
     for role in ("best", "final"):
         lines = [line for line in printed if line.startswith(f"  {role:10s} PASS  ")]
         assert [line.split()[2] for line in lines] == CHECKS, printed
-    assert f"  final      sanity: 14 PASS, 0 WARN, 0 FAIL" in printed
+    assert "  final      sanity: 14 PASS, 0 WARN, 0 FAIL" in printed
     saved = json.loads((run / "eval.json").read_text())
     assert sorted(saved) == ["landscapes", "results", "sanity", "script", "table"]
     best, final = saved["sanity"]

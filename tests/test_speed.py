@@ -166,7 +166,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
     assert result.stdout.count("weights identical on all 2 ranks") == 1
     assert result.stdout.count("done: best") == 1
     assert {p.name for p in out.iterdir()} == {"args.json", "metrics.csv", "best.pt", "final.pt", "curves.png",
-                                               "status.json"}
+                                               "status.json", "tensorboard"}
     rows = utils.read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     # the 33 test images are split 17/16 between the ranks and the counts summed: accuracies are

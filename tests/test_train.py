@@ -12,7 +12,7 @@ import utils
 from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json"]
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json", "tensorboard"]
 
 
 def run(tmp_path, *extra, name="run"):

@@ -21,7 +21,7 @@ TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 TINY_VIT = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_KWARGS),
             "--no-pretrained", "--train-size", "64", "--eval-size", "32", "--batch-size", "32", "--pgd-steps", "2",
             "--eval-pgd-steps", "2", "--device", "cpu"]
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json"]
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json", "tensorboard"]
 
 
 

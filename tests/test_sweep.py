@@ -1,0 +1,337 @@
+"""sweep.py: the grids, the local launcher (parallel jobs, a killed run, a preempted job), the Slurm
+submission (a stand-in sbatch on PATH), --status, --report; and the TensorBoard / W&B tracking of utils."""
+
+import json
+import os
+import pickle
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sweep
+import utils
+from conftest import TINY, kill_after_first_checkpoint, run_script
+
+EPOCHS = 4
+# the tiny grid: table5 (ALP and NMSE, no PIAT) x 2 seeds, small-cnn on 64 synthetic images, 4 short epochs
+GRID_FLAGS = ["table5", "--profile", "quick", "--seeds", "2", "--attacks", "clean,pgd20", "--n-examples", "16",
+              *TINY[2:], "--train-size", "64", "--eval-size", "16", "--epochs", str(EPOCHS)]
+
+
+def processes(marker):
+    """{pid: argv} of the live processes whose command line holds `marker`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and any(marker in a for a in argv):
+            found[int(entry.name)] = argv
+    return found
+
+
+def parent_pid(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def report_cells(markdown, method):
+    """The cells of `method`'s row in a markdown table."""
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {method} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def key(run_dir):
+    return "/".join(Path(run_dir).parts[-3:])
+
+
+def mean_std_text(values):
+    percent = [100 * v for v in values]
+    return f"{statistics.fmean(percent):.2f} ± {statistics.stdev(percent):.2f}"
+
+
+def test_grids_hold_the_papers_runs_once_each():
+    plan = sweep.plan(["paper", "averaging"], seeds=2, sweep_dir="/sweep")
+    assert set(sweep.ALIASES["paper"]) | {"averaging"} == set(sweep.GRIDS)
+    table1 = plan.table("table1", "cifar10")
+    assert list(table1) == ["PGD-AT", "ALP", "TRADES", "MART", "MAIL", "CFA", "RAT", "PIAT + NMSE"]
+    assert {ds for grid, ds in plan.tables if grid == "table1"} == {"cifar10", "cifar100", "svhn"}
+    cfa = plan.runs[table1["CFA"][1]]
+    assert cfa.flags == ("--dataset", "cifar10", "--arch", "resnet18", "--loss", "cfa", "--no-piat")
+    assert cfa.run_dir == Path("/sweep/cifar10/cfa-nopiat/seed1") and cfa.seed == 1
+    # PIAT + NMSE is one run shared by Table I, Figs. 6, 7 (the default lambda), 9 and the RDAT comparison,
+    # evaluated for all of them in one evaluate.py call
+    nmse = table1["PIAT + NMSE"]
+    for grid, row in (("fig6", "PIAT + NMSE"), ("fig7", 4), ("fig9", "dynamic"), ("rdat", "PIAT + NMSE")):
+        assert plan.table(grid, "cifar10")[row] == nmse, grid
+    assert plan.runs[nmse[0]].steps == (sweep.Step(("clean", "pgd20", "cw20", "aa")),)
+    assert len({(r.script, r.flags, r.seed) for r in plan.runs.values()}) == len(plan.runs)
+    # WRN-32-10 runs are their own; the ViT grid is train_vit.py's
+    assert plan.runs[plan.table("table2", "cifar100")["PGD-AT"][0]].flags[2:4] == ("--arch", "wrn-32-10")
+    assert len(plan.table("table4", "cifar10")) == 27
+    averaging = {k: plan.runs[v[0]].flags[4:] for k, v in plan.table("averaging", "cifar10").items()}
+    assert averaging == {"PGD-AT": ("--loss", "ce", "--no-piat"),
+                         "PGD-AT + EMA": ("--loss", "ce", "--no-piat", "--ema", "0.999"),
+                         "PGD-AT + SWA": ("--loss", "ce", "--no-piat", "--swa-start", "90"),  # 3/4 of 120 epochs
+                         "PIAT": ("--loss", "ce", "--piat"), "PIAT + EMA": ("--loss", "ce", "--piat", "--ema", "0.999")}
+    # quick mode: the notebook's 20 runs on synthetic data; extra flags reach every training command
+    quick = sweep.plan(["paper"], profile="quick", extra=["--epochs", "2"], sweep_dir="/q")
+    assert len(quick.runs) == 20 and all(r.flags[-2:] == ("--epochs", "2") for r in quick.runs.values())
+    assert sweep.plan(["averaging"], extra=["--epochs", "40"]).table("averaging", "cifar10")["PGD-AT + SWA"]
+
+
+def test_dry_run_status_and_bad_input(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    run = sweep_dir.absolute() / "synthetic" / "alp-nopiat" / "seed1"
+    assert f"{Path(sys.executable)} {sweep.ROOT / 'train_piat.py'} --dataset synthetic" in out
+    assert f"--epochs {EPOCHS} --seed 1 --out-dir {run}\n" in out
+    assert f"evaluate.py {run} --attacks clean,pgd20 --n-examples 16\n" in out
+    assert "4 of 4 runs to launch" in out and not sweep_dir.exists()  # nothing run, nothing written
+    # a diverged run is a failure that is not retried
+    diverged = sweep_dir / "synthetic" / "nmse-nopiat" / "seed0"
+    diverged.mkdir(parents=True)
+    (diverged / "status.json").write_text(json.dumps({"status": "diverged"}))
+    assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("failed   synthetic/nmse-nopiat/seed0") and "diverged" in line for line in lines)
+    assert lines[-1] == "4 runs: 0 done, 0 running, 1 failed, 3 to do"
+    # so is a folder holding a run of other settings: it never passes for this sweep's
+    other = sweep_dir / "synthetic" / "alp-nopiat" / "seed1"
+    other.mkdir(parents=True)
+    (other / "args.json").write_text(json.dumps({"epochs": 30, "seed": 1}))
+    assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--status"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "alp-nopiat/seed1" in line)
+    assert line.startswith("failed   ") and line.endswith(f"its args.json has epochs 30, this sweep {EPOCHS}: "
+                                                         "another sweep's run; use another --sweep-dir or delete it")
+    assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--dry-run"]) == 0
+    assert "2 of 4 runs to launch" in capsys.readouterr().out
+    # bad input: one line, before anything is started
+    with pytest.raises(sweep.UserError, match="train_piat.py refuses the flags of synthetic/alp-nopiat/seed0: "
+                                              "unrecognized arguments: --no-such-flag"):
+        sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--no-such-flag"])
+    for argv, message in ((["table9"], "unknown 'table9'"), (["table5", "--seed", "3"], "--seed is set by sweep.py")):
+        with pytest.raises(SystemExit):
+            sweep.main(argv)
+        assert message in capsys.readouterr().err
+    assert not (sweep_dir / "logs").exists()
+
+
+def in_the_middle(run_dirs):
+    """The run folders whose training has a checkpoint but at least two epochs to go."""
+    return [d for d in run_dirs if (d / "final.pt").exists()
+            and len((d / "metrics.csv").read_text().splitlines()) - 1 <= EPOCHS - 2]
+
+
+def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(tmp_path, root, capsys):
+    sweep_dir = tmp_path / "sweep"
+    argv = [*GRID_FLAGS, "--jobs", "2", "--sweep-dir", str(sweep_dir)]
+    proc = subprocess.Popen([sys.executable, str(root / "sweep.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    killed = preempted = None
+    most_at_once, deadline = 0, time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        candidates = in_the_middle(d for d in sweep_dir.glob("synthetic/*/seed*") if d not in (killed, preempted))
+        if candidates and not (killed and preempted):
+            trainings = {Path(argv[argv.index("--out-dir") + 1]): pid for pid, argv in processes(str(sweep_dir)).items()
+                         if any(a.endswith("train_piat.py") for a in argv)}
+            most_at_once = max(most_at_once, len(trainings))
+            for run_dir in set(candidates) & set(trainings):
+                if killed is None:
+                    os.kill(trainings[run_dir], signal.SIGKILL)  # the run dies: its job fails
+                    killed = run_dir
+                elif preempted is None:
+                    os.kill(parent_pid(trainings[run_dir]), signal.SIGUSR2)  # Slurm's warning before preempting
+                    preempted = run_dir
+        time.sleep(0.1)
+    out = proc.communicate(timeout=60)[0]
+    assert killed and preempted, out
+    assert most_at_once == 2, out  # two runs trained at the same time
+    assert proc.returncode == 1, out
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"4 run(s), 2 at a time on this machine, no GPU, {threads} CPU thread(s) each" in out
+    # the killed run is listed as failed, with the tail of its log; the others are not stopped by it
+    assert f"FAILED   {key(killed)}: RuntimeError: train_piat.py stopped with signal SIGKILL" in out, out
+    assert "    | " in out and "3 run(s) finished, 1 failed (above)" in out, out
+    # the preempted job stopped its training, requeued itself and continued from its last epoch
+    assert f"finished {key(preempted)}" in out
+    record = json.loads((sweep_dir / "logs" / "jobs" / f"{key(preempted).replace('/', '.')}.json").read_text())
+    log = Path(record["stdout"]).read_text()
+    assert f"--resume {preempted}" in log and f"resuming {preempted} after epoch" in log, log
+    assert [r["epoch"] for r in utils.read_metrics(preempted / "metrics.csv")] == list(range(1, EPOCHS + 1))
+
+    # the same command again continues the killed run and leaves the finished ones alone
+    finished = [p for p in sweep_dir.glob("synthetic/*/seed*") if p != killed]
+    stamps = {p: ((p / "final.pt").stat().st_mtime_ns, (p / "eval.json").stat().st_mtime_ns) for p in finished}
+    capsys.readouterr()
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("started  ") == 1 and f"started  {key(killed)}" in out and "1 run(s) finished, 0 failed" in out
+    assert {p: ((p / "final.pt").stat().st_mtime_ns, (p / "eval.json").stat().st_mtime_ns) for p in finished} == stamps
+    assert [r["epoch"] for r in utils.read_metrics(killed / "metrics.csv")] == list(range(1, EPOCHS + 1))
+    assert utils.load_checkpoint(killed / "final.pt")["epoch"] == EPOCHS
+    assert sweep.main([*argv, "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 runs: 4 done, 0 running, 0 failed, 0 to do"
+
+    # the report: mean ± std over the two seeds of each method, as in the runs' eval.json
+    assert sweep.main([*argv, "--report"]) == 0
+    markdown = (sweep_dir / "report" / "table5.md").read_text()
+    assert markdown in capsys.readouterr().out
+    for method, loss in (("ALP", "alp"), ("NMSE", "nmse")):
+        results = [json.loads((sweep_dir / "synthetic" / f"{loss}-nopiat" / f"seed{s}" / "eval.json").read_text())
+                   for s in (0, 1)]
+        best = {a: [next(r["accuracy"] for r in res["results"] if (r["role"], r["attack"]) == ("best", a))
+                    for res in results] for a in ("clean", "pgd20")}
+        assert report_cells(markdown, method)[:5] == [method, mean_std_text(best["clean"]),
+                                                      mean_std_text(best["pgd20"]), "–", "2"]
+
+
+FAKE_SBATCH = """#!{python}
+import os, shutil, sys
+from pathlib import Path
+log = Path(os.environ["FAKE_SLURM_LOG"]); log.mkdir(exist_ok=True)
+n = 1000 + len(list(log.glob("script_*.sh"))) + 1
+shutil.copy(sys.argv[-1], log / f"script_{{n}}.sh")  # copied now: submitit renames it afterwards
+(log / f"args_{{n}}.txt").write_text(" ".join(sys.argv[1:]))
+print(f"Submitted batch job {{n}}")
+"""
+FAKE_SRUN = "#!{python}\n"  # submitit looks for srun to detect Slurm
+FAKE_SACCT = """#!{python}
+import os
+from pathlib import Path
+states = Path(os.environ["FAKE_SLURM_LOG"]) / "sacct.txt"  # what the test makes Slurm say; nothing at first
+print("JobID|State|NodeList\\n" + states.read_text() if states.exists() else "", end="")
+"""
+
+
+def test_slurm_submits_one_job_per_run_with_the_exact_command(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("sacct", FAKE_SACCT)):
+        (bin_dir / name).write_text(text.format(python=sys.executable))
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(tmp_path / "slurm"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["table5", "--datasets", "cifar10,cifar100", "--sweep-dir", str(tmp_path / "sweep"), "--launcher", "slurm",
+            "--partition", "gpu", "--time", "2-00:00:00", "--gpus-per-job", "1", "--cpus-per-job", "8", "--mem", "64G",
+            "--account", "proj123", "--qos", "normal", "--slurm-setup", "module load cuda",
+            "--slurm-extra", "constraint=a100", "--epochs", "90"]
+    assert sweep.main(argv) == 0
+    plan = sweep.plan(["table5"], datasets=["cifar10", "cifar100"], extra=["--epochs", "90"],
+                      sweep_dir=tmp_path / "sweep")
+    scripts = sorted((tmp_path / "slurm").glob("script_*.sh"))
+    assert len(scripts) == len(plan.runs) == 4
+    logs = tmp_path / "sweep" / "logs"
+    for script, run in zip(scripts, plan.runs.values()):
+        text = script.read_text()
+        lines = text.splitlines()
+        for line in ("#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --gpus-per-node=1",
+                     "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64G", "#SBATCH --account=proj123",
+                     "#SBATCH --qos=normal", "#SBATCH --constraint=a100", "#SBATCH --requeue", "#SBATCH --nodes=1",
+                     "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@120", f"#SBATCH --chdir={tmp_path}",
+                     f"#SBATCH --job-name={run.dataset}-{run.name}-seed0", f"#SBATCH --output={logs}/%j_0_log.out",
+                     "module load cuda"):
+            assert line in lines, (line, text)
+        assert "wckey" not in text
+        train = [sys.executable, str(sweep.ROOT / "train_piat.py"), "--dataset", run.dataset, "--arch", "resnet18",
+                 "--loss", run.name.split("-")[0], "--no-piat", "--epochs", "90", "--seed", "0",
+                 "--out-dir", str(run.run_dir)]
+        evaluate = [sys.executable, str(sweep.ROOT / "evaluate.py"), str(run.run_dir), "--attacks", "clean,pgd20,aa"]
+        assert f"# {' '.join(train)}" in lines and f"# {' '.join(evaluate)}" in lines
+        assert lines[-1].startswith("srun --unbuffered --output") and "submitit.core._submit" in lines[-1]
+    assert "submitted cifar10/alp-nopiat/seed0: Slurm job 1001" in capsys.readouterr().out
+    submitted = (tmp_path / "slurm" / "args_1001.txt").read_text()  # sbatch was given the script alone
+    assert submitted.startswith(f"{logs}/.submission_file_") and submitted.endswith(".sh")
+    # the jobs are recorded; sacct cannot tell their state, so a second sweep submits nothing twice
+    assert sweep.main(argv) == 0
+    assert len(list((tmp_path / "slurm").glob("script_*.sh"))) == 4
+    assert sweep.main([*argv, "--status"]) == 0
+    assert "4 runs: 0 done, 4 running, 0 failed, 0 to do" in capsys.readouterr().out
+    # what sacct says counts: job 1001 failed once but Slurm requeued it, job 1002 failed for good
+    for job_id in ("1001", "1002"):
+        with open(logs / f"{job_id}_0_result.pkl", "wb") as f:
+            pickle.dump(("error", "Traceback ...\nRuntimeError: train_piat.py stopped with exit code 1"), f)
+    (tmp_path / "slurm" / "sacct.txt").write_text("1001|PENDING|\n1002|FAILED|n7\n1003|RUNNING|n1\n1004|RUNNING|n2\n")
+    assert sweep.main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs: 0 done, 3 running, 1 failed, 0 to do" in out
+    assert "RuntimeError: train_piat.py stopped with exit code 1" in next(
+        line for line in out.splitlines() if line.startswith("failed   cifar10/nmse-nopiat/seed0"))
+    assert sweep.main(argv) == 0  # the failed run is submitted again, and only it
+    assert "submitted cifar10/nmse-nopiat/seed0: Slurm job 1005" in capsys.readouterr().out
+    assert len(list((tmp_path / "slurm").glob("script_*.sh"))) == 5
+
+
+def read_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def wandb_history(path):
+    """The logged rows of an offline W&B run file (LevelDB-log framed protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, position, buffer, rows = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:
+            position += left
+            continue
+        _, size, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0 and size == 0:
+            position += left
+            continue
+        chunk, position = data[position + 7:position + 7 + size], position + 7 + size
+        buffer = chunk if kind in (1, 2) else buffer + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buffer)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_tensorboard_and_offline_wandb_hold_metrics_csv_across_a_resume(tmp_path, root, monkeypatch):
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    trained = kill_after_first_checkpoint(root / "train_piat.py", [*TINY, "--epochs", "3", "--track"], run_dir)
+    assert 1 <= trained < 3
+    resumed = run_script(root / "train_piat.py", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = utils.read_metrics(run_dir / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # TensorBoard: every metrics.csv column but the epoch (the step), each epoch once despite the kill
+    scalars = read_scalars(run_dir / "tensorboard")
+    columns = [c for c in rows[0] if c != "epoch" and rows[0][c] != ""]
+    assert sorted(scalars) == sorted(columns)
+    for column in columns:
+        assert [step for step, _ in scalars[column]] == [r["epoch"] for r in rows], column
+        assert [value for _, value in scalars[column]] == pytest.approx([r[column] for r in rows], rel=1e-5), column
+    # W&B offline: one local run folder per process, both under the same run id; together they hold every
+    # epoch (the last one the killed process logged may be in both: a SIGKILL can lose W&B's buffer)
+    record = json.loads((run_dir / "wandb" / "resume.json").read_text())
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{record['id']}.wandb" for f in files) and record["epochs"] == 3
+    history = [row for f in files for row in wandb_history(f)]
+    assert sorted({row["_step"] for row in history}) == [1, 2, 3] and len(history) <= 4
+    for row in history:
+        expected = rows[row["_step"] - 1]
+        assert {c: row[c] for c in columns} == pytest.approx({c: expected[c] for c in columns}, rel=1e-5)
