@@ -109,7 +109,8 @@ PROFILES = {
               "eval": [], "aa": [], "aa_everywhere": True, "landscape": [],
               "baselines": ["cfa", "rat"], "lambdas": [0.5, 1, 2, 4, 6, 8], "fixed_alphas": [0.3, 0.6, 0.9, 0.99],
               "vit_models": ["convit_base", "vit_base_patch16_224", "deit_small_patch16_224"],
-              "vit_losses": ["ce", "trades", "mart"], "rdat": ["RDAT", "Generalist (RDAT, λ = 0)", "RDAT + PIAT"]},
+              "vit_losses": ["ce", "trades", "mart"], "rdat": ["RDAT", "Generalist (RDAT, λ = 0)", "RDAT + PIAT"],
+              "ema_decay": 0.999},
     # paper.ipynb's quick mode: the pipeline end to end in minutes on a CPU, not the paper's numbers. The
     # small CNN stands in for WRN-32-10 too; CW-20 and a cheap AutoAttack (APGD-CE, 32 images) only for Table I
     "quick": {"datasets": ["synthetic"], "data": ["--train-size", "256", "--eval-size", "64", "--device", "cpu"],
@@ -124,15 +125,14 @@ PROFILES = {
               "aa": ["--n-examples", "32", "--aa-version", "custom", "--aa-attacks", "apgd-ce"],
               "landscape": ["--landscape-steps", "5", "--landscape-batch", "64", "--landscape-pgd-steps", "5",
                             "--device", "cpu"],
-              "baselines": [], "lambdas": [1, 4, 8], "fixed_alphas": [0.3, 0.9],
-              "vit_models": ["vit_tiny_patch16_224"], "vit_losses": ["ce"], "rdat": ["RDAT"]},
+              "baselines": ["cfa", "rat"], "lambdas": [1, 4, 8], "fixed_alphas": [0.3, 0.9],
+              "vit_models": ["vit_tiny_patch16_224"], "vit_losses": ["ce"], "rdat": ["RDAT"], "ema_decay": 0.8},
 }
 LOSS_NAMES = {"ce": "PGD-AT", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL", "nmse": "NMSE",
               "cfa": "CFA", "rat": "RAT"}
 PIAT_LOSSES = ["ce", "alp", "trades", "mart", "mail", "nmse"]  # Fig. 6; Table III has all but NMSE
 VIT_VARIANTS = {"plain": ["--no-piat"], "A&P": ["--no-piat", "--ard", "--prm"],
                 "PIAT + A&P": ["--piat", "--ard", "--prm"]}
-EMA_DECAY = 0.999  # the averaging grid's EMA weight
 
 
 @dataclass(frozen=True)
@@ -274,12 +274,13 @@ def rows_averaging(P, extra):
     from train_piat import parse_args
 
     swa_start = 3 * parse_args([*P["cnn"], *extra]).epochs // 4
-    steps = measured(P, "clean", "pgd20")
+    ema = ("--ema", f"{P['ema_decay']:g}")
+    steps = measured(P, "clean", "pgd20", "cw20", aa=True)
     return [("PGD-AT", *piat_run(P, "cnn", "ce", False), steps),
-            ("PGD-AT + EMA", *piat_run(P, "cnn", "ce", False, "--ema", f"{EMA_DECAY:g}", suffix="-ema"), steps),
+            ("PGD-AT + EMA", *piat_run(P, "cnn", "ce", False, *ema, suffix="-ema"), steps),
             ("PGD-AT + SWA", *piat_run(P, "cnn", "ce", False, "--swa-start", str(swa_start), suffix="-swa"), steps),
             ("PIAT", *piat_run(P, "cnn", "ce", True), steps),
-            ("PIAT + EMA", *piat_run(P, "cnn", "ce", True, "--ema", f"{EMA_DECAY:g}", suffix="-ema"), steps)]
+            ("PIAT + EMA", *piat_run(P, "cnn", "ce", True, *ema, suffix="-ema"), steps)]
 
 
 # grid -> (its rows, the data sets the paper runs it on)
@@ -889,6 +890,14 @@ def layout_note(dataset):
     return f"**{dataset} is not one of the paper's data sets: the paper's numbers below only show the layout.**\n\n"
 
 
+def best_final_diff(results, run_dirs, attack):
+    """Best, Final and |Best - Final| of one attack, each as mean ± std over the run's seeds."""
+    pairs = [(results[d]["eval"][("best", attack)], results[d]["eval"][("final", attack)]) for d in run_dirs
+             if {("best", attack), ("final", attack)} <= set(results[d]["eval"])]
+    return [mean_std(seed_values(results, run_dirs, "best", attack)),
+            mean_std(seed_values(results, run_dirs, "final", attack)), mean_std([abs(b - f) for b, f in pairs])]
+
+
 def table_i_markdown(table, results, dataset):
     """Table I: Best, Final and |Best - Final| per attack, ours (mean ± std over n seeds) above the paper's."""
     from evaluate import PAPER_TABLE_I as paper_table_i  # its one copy (evaluate.py --table --paper prints it too)
@@ -899,18 +908,24 @@ def table_i_markdown(table, results, dataset):
              "ours as mean ± std over n seeds")
     lines = [title, "", "| Method | source | " + " | ".join(columns) + " | n |", "|" + "---|" * (len(columns) + 3)]
     for name, run_dirs in table.items():
-        cells = []
-        for attack in ATTACKS:
-            pairs = [(results[d]["eval"][("best", attack)], results[d]["eval"][("final", attack)]) for d in run_dirs
-                     if {("best", attack), ("final", attack)} <= set(results[d]["eval"])]
-            cells += [mean_std(seed_values(results, run_dirs, "best", attack)),
-                      mean_std(seed_values(results, run_dirs, "final", attack)),
-                      mean_std([abs(best - final) for best, final in pairs])]
+        cells = [cell for attack in ATTACKS for cell in best_final_diff(results, run_dirs, attack)]
         lines.append(f"| {name} | ours | " + " | ".join(cells) + f" | {seeds_evaluated(results, run_dirs)} |")
         paper = paper_table_i[key].get(name)
         if paper:
             lines.append(f"| | paper ({key}) | " + " | ".join(f"{v:.2f}" for triple in paper for v in triple) + " | |")
     return layout_note(dataset) + "\n".join(lines) + "\n"
+
+
+def averaging_markdown(table, results, dataset):
+    """PIAT against weight averaging: Best, Final and |Best - Final| per attack (mean ± std over n seeds)."""
+    columns = [f"{ATTACK_TITLES[a]} {c}" for a in ATTACKS for c in ("Best", "Final", "Diff")]
+    title = (f"**PIAT vs weight averaging ({dataset})**: accuracy (%) of the best and the final checkpoint (of the "
+             "average, where one is kept); Diff = |Best − Final|; mean ± std over n seeds")
+    lines = [title, "", "| Method | " + " | ".join(columns) + " | n |", "|" + "---|" * (len(columns) + 2)]
+    for name, run_dirs in table.items():
+        cells = [cell for attack in ATTACKS for cell in best_final_diff(results, run_dirs, attack)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds_evaluated(results, run_dirs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def cpa_markdown(title, table, results, paper):
@@ -1093,13 +1108,13 @@ def grid_report(the_plan, grid, dataset, results):
     if grid == "fig9":
         return (curves_markdown(f"**Fig. 9 ({dataset})**: per-epoch test accuracy (%)", table, results),
                 {"fig9_fixed_vs_dynamic_alpha.png": plot_fig9(table, results)})
-    cells = [("best", "clean"), ("best", "pgd20"), ("best", "cw20"), ("final", "pgd20")]
     if grid == "averaging":
-        cells = [("best", "clean"), ("final", "clean"), ("best", "pgd20"), ("final", "pgd20"), ("best", "aa")]
-    title = {"rdat": "RDAT (global learner) vs PIAT + NMSE", "averaging": "PIAT vs weight averaging"}[grid]
-    figure = {"rdat": "rdat_vs_piat.png", "averaging": "averaging.png"}[grid]
+        return (averaging_markdown(table, results, dataset),
+                {"averaging.png": plot_curves(table, results, "PIAT vs weight averaging")})
+    cells = [("best", "clean"), ("best", "pgd20"), ("best", "cw20"), ("final", "pgd20")]
+    title = "RDAT (global learner) vs PIAT + NMSE"
     return (best_final_markdown(f"**{title} ({dataset})**: accuracy (%)", table, results, cells),
-            {figure: plot_curves(table, results, title)})
+            {"rdat_vs_piat.png": plot_curves(table, results, title)})
 
 
 def write_report(the_plan, grids, out_dir):

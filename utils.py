@@ -860,7 +860,7 @@ def open_run_dir(args, resumed, is_main):
         run_dir = make_run_dir(args)
         save_json(vars(args), run_dir / "args.json")
     if is_main:
-        RUN.dir, RUN.args = run_dir, args
+        RUN.dir, RUN.args, RUN.curves_drawn = run_dir, args, -math.inf
         write_status(run_dir, "running")
     return run_dir
 
@@ -908,9 +908,13 @@ def is_best(metrics, column):
     return metrics[-1][column] > max((m[column] for m in metrics[:-1]), default=-1.0)
 
 
+CURVES_EVERY_S = 30  # curves.png is redrawn after the first and the last epoch, and at most this often between
+
+
 def write_epoch(run_dir, checkpoint, resume_state, metrics, column, log, title):
     """End of an epoch on rank 0: best.pt (when the epoch is the best so far) and final.pt with the training
-    state `resume_state`, each written atomically; then the metrics.csv row, status.json and curves.png.
+    state `resume_state`, each written atomically; then the metrics.csv row, status.json and curves.png (at
+    most every CURVES_EVERY_S seconds: drawing takes ~0.5 s, which short epochs would feel).
     Checkpoints first, so a crash never leaves a logged row without its weights; weights that are not finite
     are never written (Diverged); a stop signal that arrives meanwhile waits until all of them are written."""
     problem = first_non_finite(checkpoint["model"])
@@ -923,7 +927,10 @@ def write_epoch(run_dir, checkpoint, resume_state, metrics, column, log, title):
         RUN.epochs_saved = checkpoint["epoch"]
         log.write(metrics[-1])
         write_status(run_dir, "running")
-        plot_curves(metrics, run_dir / "curves.png", title=title)
+        last = checkpoint["epoch"] == getattr(RUN.args, "epochs", None)
+        if last or time.monotonic() - RUN.curves_drawn >= CURVES_EVERY_S:
+            plot_curves(metrics, run_dir / "curves.png", title=title)
+            RUN.curves_drawn = time.monotonic()
 
 
 def report_done(metrics, column, run_dir):
@@ -973,6 +980,7 @@ class _RunRecord:
     def __init__(self):
         self.script = self.command = self.dir = self.args = self.pending = None
         self.epochs_saved = self.deferring = 0
+        self.curves_drawn = -math.inf  # time.monotonic() of the last curves.png
 
 
 RUN = _RunRecord()

@@ -10,8 +10,9 @@ from nbclient import NotebookClient
 
 FIGURES = ["fig1_robust_accuracy_per_epoch.png", "fig2_toy_data.png", "fig3_toy_accuracy.png",
            "fig4_toy_boundary_pgdat.png", "fig5_toy_boundary_pgdat_vs_piat.png", "fig6_piat_with_each_loss.png",
-           "fig7_lambda_sweep.png", "fig8_loss_landscape.png", "fig9_fixed_vs_dynamic_alpha.png", "rdat_vs_piat.png"]
-TABLES = ["table1.md", "tables2_3_5.md", "table4.md"]
+           "fig7_lambda_sweep.png", "fig8_loss_landscape.png", "fig9_fixed_vs_dynamic_alpha.png", "rdat_vs_piat.png",
+           "averaging.png"]
+TABLES = ["table1.md", "tables2_3_5.md", "table4.md", "averaging.md"]
 
 
 def test_notebook_is_committed_without_outputs(root):
@@ -41,6 +42,11 @@ def test_notebook_runs_in_quick_mode_and_writes_every_figure(tmp_path, root, mon
         assert text.count("|") > 20 and "nan" not in text, name
     table1 = (tmp_path / "figures" / "table1.md").read_text()
     assert "| PIAT + NMSE | ours |" in table1 and "| | paper (cifar10) | 80.96 |" in table1
+    for method, paper_clean in (("CFA", "82.80"), ("RAT", "81.63")):  # both baselines trained, beside the paper
+        assert f"| {method} | ours |" in table1 and f"| | paper (cifar10) | {paper_clean} |" in table1
+    averaging = (tmp_path / "figures" / "averaging.md").read_text()
+    for method in ("PGD-AT", "PGD-AT + EMA", "PGD-AT + SWA", "PIAT", "PIAT + EMA"):
+        assert f"| {method} | " in averaging, method
     # every grid run was trained to the end and evaluated
     runs = tmp_path / "runs"
     for loss in ("ce", "alp", "trades", "mart", "mail", "nmse"):

@@ -80,9 +80,9 @@ def test_grids_hold_the_papers_runs_once_each():
                          "PGD-AT + EMA": ("--loss", "ce", "--no-piat", "--ema", "0.999"),
                          "PGD-AT + SWA": ("--loss", "ce", "--no-piat", "--swa-start", "90"),  # 3/4 of 120 epochs
                          "PIAT": ("--loss", "ce", "--piat"), "PIAT + EMA": ("--loss", "ce", "--piat", "--ema", "0.999")}
-    # quick mode: the notebook's 20 runs on synthetic data; extra flags reach every training command
+    # quick mode: the notebook's 22 runs on synthetic data; extra flags reach every training command
     quick = sweep.plan(["paper"], profile="quick", extra=["--epochs", "2"], sweep_dir="/q")
-    assert len(quick.runs) == 20 and all(r.flags[-2:] == ("--epochs", "2") for r in quick.runs.values())
+    assert len(quick.runs) == 22 and all(r.flags[-2:] == ("--epochs", "2") for r in quick.runs.values())
     assert sweep.plan(["averaging"], extra=["--epochs", "40"]).table("averaging", "cifar10")["PGD-AT + SWA"]
 
 

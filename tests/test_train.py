@@ -132,7 +132,7 @@ def test_image_folder_dataset(tmp_path, monkeypatch):
 
 
 # fp32 here whatever the CPU (bf16 resumption: tests/test_speed.py)
-RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "1024", "--batch-size", "16", "--no-amp"]
+RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "256", "--batch-size", "16", "--no-amp"]
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
