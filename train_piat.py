@@ -667,9 +667,9 @@ def parse_args(argv=None):
 def add_speed_arguments(p):
     g = p.add_argument_group("speed (multi-GPU: torchrun --nproc_per_node=N train_piat.py ...)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast for training and the training attack (default: on where bf16 is native: "
-                        "CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16; fp32 elsewhere; --amp and --no-amp force "
-                        "it); the per-epoch evaluation always runs in fp32")
+                   help="bfloat16 autocast for training and the training attack (default: on where it pays: CUDA, "
+                        "and CPUs with AMX; fp32 elsewhere, also on CPUs with only AVX512_BF16, where it measured "
+                        "slower; --amp and --no-amp force it); the per-epoch evaluation always runs in fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (the attack runs compiled too)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)")

@@ -554,9 +554,9 @@ def add_speed_arguments(p):
     g = p.add_argument_group("speed (multi-GPU: torchrun --nproc_per_node=N train_rdat.py ...)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast for both learners' training steps and the training attack (default: on "
-                        "where bf16 is native: CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16; fp32 elsewhere; "
-                        "--amp and --no-amp force it); the EMAs, the mixing and the per-epoch evaluation always run "
-                        "in fp32")
+                        "where it pays: CUDA, and CPUs with AMX; fp32 elsewhere, also on CPUs with only AVX512_BF16, "
+                        "where it measured slower; --amp and --no-amp force it); the EMAs, the mixing and the "
+                        "per-epoch evaluation always run in fp32")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile both learners and the global learner (the attacks run compiled too)")
     g.add_argument("--sync-bn", action="store_true",

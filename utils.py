@@ -8,6 +8,7 @@ AutoAttack never see normalised pixels.
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -321,6 +322,15 @@ def make_synthetic(num_classes=10, train_size=4000, test_size=1000, image_size=3
     images it is easy to learn and easy to attack: a clean-trained small-cnn reaches ~90% clean but
     ~10% PGD-20 accuracy (8/255), while three epochs of PGD-AT reach ~40% robust accuracy. The
     same `seed` always gives the same images, whatever the run's own seed."""
+    x_train, y_train, x_test, y_test = (t.clone() for t in synthetic_images(num_classes, train_size, test_size,
+                                                                            image_size, seed))
+    mean, std = channel_stats(x_train)
+    return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, flip=True)
+
+
+@functools.lru_cache(maxsize=2)  # made once per process: the notebook's quick mode and the tests ask dozens of times
+def synthetic_images(num_classes, train_size, test_size, image_size, seed):
+    """make_synthetic's uint8 images and labels: (x_train, y_train, x_test, y_test); callers get clones."""
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, 3, 4, 4, generator=gen) * 2 - 1
     templates = F.interpolate(coarse, size=image_size + 8, mode="bicubic", align_corners=False)
@@ -339,10 +349,7 @@ def make_synthetic(num_classes=10, train_size=4000, test_size=1000, image_size=3
         x = x + 0.1 * torch.randn(n, 3, image_size, image_size, generator=gen)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
-    x_train, y_train = sample(train_size)
-    x_test, y_test = sample(test_size)
-    mean, std = channel_stats(x_train)
-    return ImageData(x_train, y_train, x_test, y_test, num_classes, mean, std, flip=True)
+    return (*sample(train_size), *sample(test_size))
 
 
 def _torchvision_split(name, root, train):
@@ -860,7 +867,7 @@ def open_run_dir(args, resumed, is_main):
         run_dir = make_run_dir(args)
         save_json(vars(args), run_dir / "args.json")
     if is_main:
-        RUN.dir, RUN.args, RUN.curves_drawn = run_dir, args, -math.inf
+        RUN.dir, RUN.args, RUN.curves_drawn = run_dir, args, time.monotonic()
         write_status(run_dir, "running")
     return run_dir
 
@@ -908,13 +915,14 @@ def is_best(metrics, column):
     return metrics[-1][column] > max((m[column] for m in metrics[:-1]), default=-1.0)
 
 
-CURVES_EVERY_S = 30  # curves.png is redrawn after the first and the last epoch, and at most this often between
+CURVES_EVERY_S = 30  # curves.png is drawn after the last epoch (or the one a stop signal ends), else at most this often
 
 
 def write_epoch(run_dir, checkpoint, resume_state, metrics, column, log, title):
     """End of an epoch on rank 0: best.pt (when the epoch is the best so far) and final.pt with the training
-    state `resume_state`, each written atomically; then the metrics.csv row, status.json and curves.png (at
-    most every CURVES_EVERY_S seconds: drawing takes ~0.5 s, which short epochs would feel).
+    state `resume_state`, each written atomically; then the metrics.csv row, status.json and curves.png (after
+    the last epoch, before it at most every CURVES_EVERY_S seconds: drawing takes 0.5-2 s, which short epochs
+    would feel).
     Checkpoints first, so a crash never leaves a logged row without its weights; weights that are not finite
     are never written (Diverged); a stop signal that arrives meanwhile waits until all of them are written."""
     problem = first_non_finite(checkpoint["model"])
@@ -927,7 +935,7 @@ def write_epoch(run_dir, checkpoint, resume_state, metrics, column, log, title):
         RUN.epochs_saved = checkpoint["epoch"]
         log.write(metrics[-1])
         write_status(run_dir, "running")
-        last = checkpoint["epoch"] == getattr(RUN.args, "epochs", None)
+        last = checkpoint["epoch"] == getattr(RUN.args, "epochs", None) or RUN.pending is not None  # or stopping
         if last or time.monotonic() - RUN.curves_drawn >= CURVES_EVERY_S:
             plot_curves(metrics, run_dir / "curves.png", title=title)
             RUN.curves_drawn = time.monotonic()
@@ -1168,37 +1176,34 @@ def run_main(main, script_file):
 # ----------------------------------------------------------------------------------------------
 
 
-def bf16_is_native(device):
-    """Whether `device` computes in bf16 in hardware: CUDA, and CPUs with bf16 dot-product instructions
-    (x86: AVX512_BF16, or AMX; ARM: the BF16 extension). torch.ops.mkldnn._is_mkldnn_bf16_supported() is not
-    this question on x86: it holds on every AVX-512 CPU, also those without bf16 instructions (Skylake,
-    Cascade Lake), where oneDNN emulates bf16 by converting to fp32 and back. On ARM it is the BF16
-    extension itself."""
+def bf16_pays(device):
+    """--amp's default: whether bf16 autocast makes training faster on `device`. CUDA: yes. A CPU: only with
+    AMX, whose tile units multiply bf16 matrices many times faster than AVX-512 does fp32. AVX512_BF16 alone
+    is not enough: on a 2-core Xeon VM that has it, bf16 made our PGD-10 step slower (0.65-0.85x fp32 for
+    ResNet-18 and small-cnn, torch 2.14 and 2.15; BENCHMARKS.md), and ARM's BF16 is unmeasured, so both
+    default to fp32 (--amp forces bf16). bf16 kernels on a CPU come from oneDNN."""
     if device.type == "cuda":
         return True
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False  # bf16 convolutions and matrix products on the CPU go through oneDNN
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return machine in ("aarch64", "arm64") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_amx_tile_supported()
 
 
 def resolve_amp(args, device):
     """--amp's default, settled once per run (and then stored in args.json and the checkpoints): bf16
-    autocast where bf16 is native (bf16_is_native), fp32 elsewhere. --amp and --no-amp force it; a
-    resumed run keeps its own."""
+    autocast where it pays (bf16_pays), fp32 elsewhere. --amp and --no-amp force it; a resumed run keeps
+    its own."""
     if args.amp is None:
-        args.amp = bf16_is_native(device)
+        args.amp = bf16_pays(device)
 
 
 def precision(amp, device):
     """How the training step computes, for the line a run starts with: bf16 autocast or fp32, and why."""
     where = "CUDA" if device.type == "cuda" else f"this {device.type.upper()}"
-    native = bf16_is_native(device)
-    if amp:
-        return f"bf16 autocast ({'native' if native else '--amp; not native'} on {where})"
-    return f"fp32 ({'--no-amp; bf16 is native' if native else 'no native bf16'} on {where})"
+    if amp == bf16_pays(device):
+        return (f"bf16 autocast (the default on {where})" if amp else
+                f"fp32 (the default on {where}: bf16 pays only on CUDA and CPUs with AMX; --amp forces it)")
+    return "bf16 autocast (--amp)" if amp else "fp32 (--no-amp)"
 
 
 def check_processes(args, world_size, device):
@@ -1225,10 +1230,10 @@ def split_data(data, args, device):
 
 
 def prepare_module(model, args, device, world_size, channels_last=True):
-    """The model on `device`: channels_last on CUDA (faster convolutions), SyncBatchNorm with --sync-bn
-    under torchrun."""
+    """The model on `device`: channels_last for CNNs (faster convolutions on CUDA, and on a CPU too:
+    BENCHMARKS.md), SyncBatchNorm with --sync-bn under torchrun."""
     model = model.to(device)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if getattr(args, "sync_bn", False) and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1275,7 +1280,7 @@ def epoch_batches(x_train, y_train, args, epoch, flip, rank=0, world_size=1, cha
         idx = order[i * args.batch_size : (i + 1) * args.batch_size][rank::world_size]
         x = x_train[idx]
         x = to_float(augment(x, flip=flip) if args.augment else x)
-        if channels_last and x.device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield i, x, y_train[idx]
 

@@ -2,9 +2,9 @@
 
 All three run one PGD-10 PIAT+NMSE training step per batch on the same model, batch and machine:
 - "ours": train_piat.py's own step: images held on the device as uint8 and augmented there,
-  the attack taking gradients with respect to the input only, bf16 autocast where bf16 is native
-  (--amp: CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16; the training scripts' rule),
-  channels_last on CUDA (--channels-last measures it on a CPU), optionally torch.compile;
+  the attack taking gradients with respect to the input only, bf16 autocast where it pays
+  (--amp: CUDA, and CPUs with AMX; the training scripts' rule),
+  channels_last (--no-channels-last measures without), optionally torch.compile;
 - "efficient-peer": the efficient public idiom (TRADES's code): a DataLoader with torchvision
   transforms on PIL images, fp32, an attack that takes torch.autograd.grad with respect to the
   input only (no weight gradients), BatchNorm in eval mode while attacking;
@@ -14,8 +14,11 @@ Each variant runs in its own child process, so peak memory is measured per varia
 max_memory_allocated; CPU: the child's peak resident set). The parent prints a table and the
 ratio of ours against each loop, and times evaluate.py's PGD-20 per image as well.
 
-    python benchmarks/bench_train.py --arch resnet18 --batch-size 128 --device cuda
-    python benchmarks/bench_train.py --arch small-cnn --batch-size 64 --warmup 2 --steps 5   # CPU
+    python benchmarks/bench_train.py --arch resnet18                # CUDA if there is one, else the CPU
+    python benchmarks/bench_train.py --arch small-cnn --no-amp --no-channels-last   # fp32, NCHW
+
+The defaults fit the device: on CUDA batch 128, 10 untimed and 30 timed steps, 256 images for PGD-20;
+on a CPU batch 64, 1 untimed and 3 timed steps, 64 images (ResNet-18 takes about 4 minutes there).
 """
 
 import argparse
@@ -42,29 +45,37 @@ VARIANTS = ("ours", "efficient-peer", "conventional")  # the training steps comp
 def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=str, default="resnet18", choices=utils.ARCHS, help="network")
-    p.add_argument("--batch-size", type=utils.positive(int), default=128, help="training batch size")
+    p.add_argument("--batch-size", type=utils.positive(int), default=None,
+                   help="training batch size (default: 128 on CUDA, 64 on a CPU)")
     p.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--warmup", type=utils.non_negative(int), default=10,
-                   help="untimed steps first (compilation, cudnn autotune)")
-    p.add_argument("--steps", type=utils.positive(int), default=30, help="timed steps")
+    p.add_argument("--warmup", type=utils.non_negative(int), default=None,
+                   help="untimed steps first (compilation, cudnn autotune; default: 10 on CUDA, 1 on a CPU)")
+    p.add_argument("--steps", type=utils.positive(int), default=None,
+                   help="timed steps (default: 30 on CUDA, 3 on a CPU)")
     p.add_argument("--pgd-steps", type=utils.non_negative(int), default=10, help="steps of the training attack")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast in our step (default: on where bf16 is native, as in the training scripts: "
-                        "CUDA, and CPUs with AVX512_BF16, AMX or ARM's BF16); both peer loops run in fp32")
+                   help="bf16 autocast in our step (default: where it pays, as in the training scripts: CUDA, "
+                        "and CPUs with AMX); both peer loops run in fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last model and images in our step (default: on for CUDA, off on CPU, as in the "
-                        "training scripts); the peer loops keep the default layout")
+                   help="channels_last model and images in our step (default: on, as in the training scripts; "
+                        "--no-channels-last measures NCHW); the peer loops keep the default layout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
     p.add_argument("--workers", type=utils.non_negative(int), default=2,
                    help="DataLoader workers of the peer loops")
-    p.add_argument("--eval-images", type=utils.positive(int), default=256,
-                   help="images for timing evaluate.py's PGD-20")
+    p.add_argument("--eval-images", type=utils.positive(int), default=None,
+                   help="images for timing evaluate.py's PGD-20 (default: 256 on CUDA, 64 on a CPU)")
     p.add_argument("--peak-tflops", type=utils.positive(float), default=989.0,
                    help="the device's dense bf16 peak in TFLOP/s, for the achieved fraction (H100/H200 SXM: 989)")
     p.add_argument("--out", type=str, default=None, help="also write the results as JSON here")
     p.add_argument("--variant", type=str, default=None, choices=VARIANTS + ("eval-pgd20",),
                    help="internal: measure one variant in this process and print its JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    for name, on_cuda, on_cpu in (("batch_size", 128, 64), ("warmup", 10, 1), ("steps", 30, 3),
+                                  ("eval_images", 256, 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +88,7 @@ def ours(args, device, model, data):
     train_args = train_piat.parse_args(["--arch", args.arch, "--loss", "nmse", "--pgd-steps", str(args.pgd_steps)])
     utils.resolve_amp(args, device)  # the training scripts' rule
     amp = args.amp
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = args.channels_last is not False  # on by default, as in the training scripts
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = utils.wrap_network(model, compile=args.compile)
@@ -258,8 +269,9 @@ def measure(args):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    native = ", native bf16" if utils.bf16_is_native(device) else ", no native bf16"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads{native})"
+    isa = "AMX" if torch.cpu._is_amx_tile_supported() else (
+        "AVX512_BF16, no AMX" if torch.cpu._is_avx512_bf16_supported() else "no bf16 instructions")
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {isa}, torch {torch.__version__})"
 
 
 def run_child(args, argv, variant):

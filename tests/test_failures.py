@@ -326,6 +326,7 @@ def test_a_signal_while_an_epoch_is_written_waits_until_all_of_it_is(tmp_path, m
     assert stopped.value.signum == signal.SIGUSR2 and stopped.value.stop.exit_code == 128 + signal.SIGUSR2
     assert utils.load_checkpoint(out / "final.pt")["epoch"] == 2
     assert [r["epoch"] for r in utils.read_metrics(out / "metrics.csv")] == [1, 2]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn as the run stops
     status = utils.read_status(out)
     assert (status["status"], status["epochs_saved"], status["epoch"]) == ("interrupted", 2, 3)
     assert f"--resume {out}" in status["message"]

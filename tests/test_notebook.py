@@ -29,7 +29,8 @@ def test_notebook_runs_in_quick_mode_and_writes_every_figure(tmp_path, root, mon
     parameters = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert 'MODE = "quick"' in parameters.source  # the default a user gets
     # like papermill: the injected lines override the defaults, so nothing lands in the checkout
-    parameters.source += f"\nRUNS_DIR = {str(tmp_path / 'runs')!r}\nFIGURES_DIR = {str(tmp_path / 'figures')!r}\n"
+    parameters.source += (f"\nRUNS_DIR = {str(tmp_path / 'runs')!r}\nFIGURES_DIR = {str(tmp_path / 'figures')!r}\n"
+                          'SWEEP_FLAGS = ["--epochs", "2"]\n')  # half the training: the suite's time, same code paths
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # this Python's kernel
     NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]

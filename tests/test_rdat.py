@@ -157,7 +157,7 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     assert emas == pytest.approx([tr.ema_decay(s // 2) for s in range(12)])  # robust, natural, robust, ...
     args = json.loads((out / "args.json").read_text())
     assert args["lam"] == 6.0 and args["piat"] is False and args["method"] == "RDAT"
-    assert args["amp"] is utils.bf16_is_native(torch.device("cpu"))  # the default, resolved before args.json
+    assert args["amp"] is utils.bf16_pays(torch.device("cpu"))  # the default, resolved before args.json
     assert (args["redistribute_from"], args["redistribute_every"]) == (1, 1)  # 75 and 5 of 120, scaled to 2
     final, best = utils.load_checkpoint(out / "final.pt"), utils.load_checkpoint(out / "best.pt")
     assert final["script"] == "train_rdat.py" and final["epoch"] == 2 and "resume" not in best

@@ -272,7 +272,7 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     assert row["alpha"] == pytest.approx(0.1) and 0 <= row["test_pgd20_acc"] <= row["test_clean_acc"] <= 1
     args = json.loads((out / "args.json").read_text())
     assert args["ard"] and args["prm"] and args["piat"] and args["model_kwargs"] == TINY_KWARGS
-    assert args["amp"] is utils.bf16_is_native(torch.device("cpu"))  # the default, resolved before args.json
+    assert args["amp"] is utils.bf16_pays(torch.device("cpu"))  # the default, resolved before args.json
     final = utils.load_checkpoint(out / "final.pt")
     assert final["script"] == "train_vit.py" and final["arch"] == "vit_tiny_patch16_224" and "resume" in final
     assert final["model_kwargs"] == {"img_size": 32, "patch_size": 4, **TINY_KWARGS}
@@ -356,8 +356,9 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
 
 
 def test_no_network_gives_one_line_naming_the_way_out(tmp_path):
-    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "https_proxy": "http://127.0.0.1:9",
-               "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proxy = "http://127.0.0.1:9"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "https_proxy": proxy, "HTTPS_PROXY": proxy,
+               "http_proxy": proxy, "HTTP_PROXY": proxy}
     result = run_script(tv.__file__, "--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs",
                         json.dumps(TINY_KWARGS), "--out-dir", tmp_path / "out", env=offline)
     line = one_line_error(result)
