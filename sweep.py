@@ -903,28 +903,32 @@ def table_i_markdown(table, results, dataset):
     from evaluate import PAPER_TABLE_I as paper_table_i  # its one copy (evaluate.py --table --paper prints it too)
 
     key = paper_key(dataset)
-    columns = [f"{ATTACK_TITLES[a]} {c}" for a in ATTACKS for c in ("Best", "Final", "Diff")]
     title = (f"**Table I ({dataset})**: accuracy (%) of the best and the final checkpoint; Diff = |Best − Final|; "
              "ours as mean ± std over n seeds")
-    lines = [title, "", "| Method | source | " + " | ".join(columns) + " | n |", "|" + "---|" * (len(columns) + 3)]
-    for name, run_dirs in table.items():
-        cells = [cell for attack in ATTACKS for cell in best_final_diff(results, run_dirs, attack)]
-        lines.append(f"| {name} | ours | " + " | ".join(cells) + f" | {seeds_evaluated(results, run_dirs)} |")
-        paper = paper_table_i[key].get(name)
-        if paper:
-            lines.append(f"| | paper ({key}) | " + " | ".join(f"{v:.2f}" for triple in paper for v in triple) + " | |")
-    return layout_note(dataset) + "\n".join(lines) + "\n"
+    return layout_note(dataset) + best_final_diff_markdown(title, table, results, paper_table_i[key], key)
 
 
 def averaging_markdown(table, results, dataset):
     """PIAT against weight averaging: Best, Final and |Best - Final| per attack (mean ± std over n seeds)."""
-    columns = [f"{ATTACK_TITLES[a]} {c}" for a in ATTACKS for c in ("Best", "Final", "Diff")]
     title = (f"**PIAT vs weight averaging ({dataset})**: accuracy (%) of the best and the final checkpoint (of the "
              "average, where one is kept); Diff = |Best − Final|; mean ± std over n seeds")
-    lines = [title, "", "| Method | " + " | ".join(columns) + " | n |", "|" + "---|" * (len(columns) + 2)]
+    return best_final_diff_markdown(title, table, results)
+
+
+def best_final_diff_markdown(title, table, results, paper=None, key=None):
+    """One row per method of Best, Final and Diff per attack; with `paper` ({method: triples}) a "source"
+    column and the paper's row under ours, where it has one."""
+    columns = [f"{ATTACK_TITLES[a]} {c}" for a in ATTACKS for c in ("Best", "Final", "Diff")]
+    source = ["source"] if paper is not None else []
+    lines = [title, "", "| " + " | ".join(["Method", *source, *columns, "n"]) + " |",
+             "|" + "---|" * (len(columns) + 2 + len(source))]
     for name, run_dirs in table.items():
         cells = [cell for attack in ATTACKS for cell in best_final_diff(results, run_dirs, attack)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds_evaluated(results, run_dirs)} |")
+        ours = ["ours"] if source else []
+        lines.append("| " + " | ".join([name, *ours, *cells, str(seeds_evaluated(results, run_dirs))]) + " |")
+        if paper and paper.get(name):
+            lines.append(f"| | paper ({key}) | " + " | ".join(f"{v:.2f}" for triple in paper[name] for v in triple)
+                         + " | |")
     return "\n".join(lines) + "\n"
 
 
