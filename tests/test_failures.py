@@ -266,7 +266,7 @@ def test_check_finite_names_the_loss_and_counts_from_one():
 
 # ------------------------------------------------------------------------------------------ interrupts
 
-SIGNAL_RUN = [*TINY, "--epochs", "2", "--train-size", "64", "--batch-size", "16"]
+SIGNAL_RUN = [*TINY, "--epochs", "2", "--train-size", "256", "--batch-size", "16"]  # epoch 2 outlasts the signal
 
 
 @pytest.fixture(scope="module")

@@ -306,7 +306,8 @@ def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch
         raise Crash
 
     killed = tmp_path / "killed"
-    monkeypatch.setattr(utils, "plot_curves", crash)  # dies after epoch 1's checkpoint and log row
+    monkeypatch.setattr(utils, "CURVES_EVERY_S", 0)  # curves.png after every epoch, so that
+    monkeypatch.setattr(utils, "plot_curves", crash)  # it dies after epoch 1's checkpoint and log row
     with pytest.raises(Crash):
         tv.main([*flags, "--out-dir", str(killed)])
     monkeypatch.undo()
