@@ -1179,7 +1179,7 @@ def run_main(main, script_file):
 def bf16_pays(device):
     """--amp's default: whether bf16 autocast makes training faster on `device`. CUDA: yes. A CPU: only with
     AMX, whose tile units multiply bf16 matrices many times faster than AVX-512 does fp32. AVX512_BF16 alone
-    is not enough: on a 2-core Xeon VM that has it, bf16 made our PGD-10 step slower (0.65-0.85x fp32 for
+    is not enough: on a 2-core Xeon VM that has it, bf16 made our PGD-10 step slower (0.75-0.9x fp32 for
     ResNet-18 and small-cnn, torch 2.14 and 2.15; BENCHMARKS.md), and ARM's BF16 is unmeasured, so both
     default to fp32 (--amp forces bf16). bf16 kernels on a CPU come from oneDNN."""
     if device.type == "cuda":
