@@ -282,9 +282,11 @@ def test_an_interrupted_run_names_its_resume_command_which_resumes_exactly(signu
     exact --resume command and exit code 128 + the signal's number; that command ends with the weights of a run
     never stopped."""
     run = tmp_path / "run"
+    # SIGINT as in a terminal, even where the suite itself was started in the background (which ignores it)
     proc = subprocess.Popen([sys.executable, tp.__file__, *SIGNAL_RUN, "--out-dir", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+                            env={**os.environ, "TQDM_DISABLE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (run / "final.pt").exists() and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signum)
