@@ -1319,8 +1319,8 @@ def add_run_arguments(p):
     g.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--amp", action="store_true",
                    help="run the model under bf16 autocast in every attack and AutoAttack (faster where bf16 "
-                        "pays: CUDA, and CPUs with AMX). Off by default, unlike the training scripts' --amp: attack gradients in bf16 are "
-                        "coarser and can miss adversarial examples, which flatters a model, and the numbers are not "
+                        "pays: CUDA, and CPUs with AMX). Off by default, unlike the training scripts' --amp: attack "
+                        "gradients in bf16 are coarser and can miss adversarial examples, which flatters a model, and the numbers are not "
                         "the fp32 ones papers report; rows measured in bf16 are marked in the results")
     g.add_argument("--out", type=str, default=None,
                    help="JSON file for all numbers (default: RUN_DIR/eval.json, or CHECKPOINT's name with .eval.json); "

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast in our step (default: where it pays, as in the training scripts: CUDA, "
                         "and CPUs with AMX); both peer loops run in fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last model and images in our step (default: on, as in the training scripts; "
                         "--no-channels-last measures NCHW); the peer loops keep the default layout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in our step")
@@ -88,7 +88,7 @@ def ours(args, device, model, data):
     train_args = train_piat.parse_args(["--arch", args.arch, "--loss", "nmse", "--pgd-steps", str(args.pgd_steps)])
     utils.resolve_amp(args, device)  # the training scripts' rule
     amp = args.amp
-    channels_last = args.channels_last is not False  # on by default, as in the training scripts
+    channels_last = args.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = utils.wrap_network(model, compile=args.compile)
