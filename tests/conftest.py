@@ -30,7 +30,7 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
     """Run a project script as a user would (no shell), returning the CompletedProcess."""
     import subprocess
 
-    full_env = dict(os.environ, TQDM_DISABLE="1", **(env or {}))
+    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -1,6 +1,7 @@
 """PIAT against weight averaging in train_piat.py: --ema (per-step EMA, checked against its closed form),
 --swa-start (the mean of the end-of-epoch weights, BatchNorm recomputed), --piat-every (N = one epoch is the
-paper's PIAT exactly), what the checkpoints hold, evaluate.py's method names, and resume after SIGKILL."""
+paper's PIAT exactly), averages that only observe (the same seed trains the same weights with or without one),
+what the checkpoints hold, evaluate.py's method names, and resume after SIGKILL."""
 
 import json
 
@@ -68,13 +69,14 @@ def test_ema_run_reports_the_average_and_logs_the_trained_weights(tmp_path):
 
 def test_swa_is_the_mean_of_the_end_of_epoch_weights_with_recomputed_batchnorm(tmp_path, monkeypatch):
     epoch_weights = []
-    real = tp.swa_update_
+    real = tp.update_average_
 
-    def spy(average, model, x_train, batch_size):
-        epoch_weights.append({k: v.clone() for k, v in model.state_dict().items()})
-        real(average, model, x_train, batch_size)
+    def spy(average, model, trained, split, args, epoch):
+        if epoch + 1 >= args.swa_start:
+            epoch_weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(average, model, trained, split, args, epoch)
 
-    monkeypatch.setattr(tp, "swa_update_", spy)
+    monkeypatch.setattr(tp, "update_average_", spy)
     out = run(tmp_path, "--epochs", "4", "--swa-start", "2", "--loss", "ce")
     assert len(epoch_weights) == 3  # epochs 2, 3 and 4
     final = utils.load_checkpoint(out / "final.pt")
@@ -84,7 +86,7 @@ def test_swa_is_the_mean_of_the_end_of_epoch_weights_with_recomputed_batchnorm(t
     for name, p in model.named_parameters():
         assert torch.allclose(p, sum(w[name] for w in epoch_weights) / 3, atol=1e-6), name
     # BatchNorm statistics: one pass over the unaugmented training images of the run, recomputed here
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     x_train = data.x_train[utils.fixed_subset(len(data.x_train), None)[:96]]
     fresh = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
     fresh.load_state_dict(final["model"])
@@ -134,7 +136,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, flags):
     a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    for part in ("prev_state", "model", "average"):
+    for part in ("theta_prev", "model", "average"):
         for k, v in (a["resume"].get(part) or {}).items():
             assert torch.equal(v, b["resume"][part][k]), (part, k)
     args = json.loads((killed / "args.json").read_text())
@@ -143,12 +145,36 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, flags):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--ema", "1.5"], "--ema: must lie in [0, 1], got 1.5"),
+    (["--ema", "1.5"], "--ema: must be a finite number in (0, 1), got 1.5"),
     (["--ema", "0.9", "--swa-start", "2"], "two weight averages"),
     (["--swa-start", "9", "--epochs", "3"], "--swa-start 9 is after the last epoch"),
-    (["--piat-every", "0"], "--piat-every: must be > 0"),
+    (["--piat-every", "0"], "--piat-every: must be a finite number in (0, inf), got 0"),
 ])
 def test_bad_averaging_flags(flags, message, capsys):
     with pytest.raises((utils.UserError, SystemExit)) as err:
         tp.parse_args([*TINY, *flags])
     assert message in (str(err.value) if err.type is utils.UserError else capsys.readouterr().err)
+
+
+TRAINING_COLUMNS = ["lr", "alpha", "train_loss", "train_clean_acc", "train_robust_acc"]
+
+
+@pytest.mark.parametrize("loss,plain,averaged", [
+    ("ce", ["--no-piat"], ["--no-piat", "--ema", "0.9"]),
+    ("ce", ["--piat"], ["--piat", "--swa-start", "2"]),
+    ("cfa", ["--no-cfa-fawa", "--val-size", "16"], ["--cfa-fawa", "--val-size", "16", "--cfa-threshold", "0"]),
+])
+def test_an_average_only_observes_the_same_seeds_training(tmp_path, loss, plain, averaged):
+    """The same seed with and without a weight average: the training columns agree exactly, and the trained
+    weights' evaluation (raw_*) equals the plain run's, epoch by epoch (the evaluation attacks from a generator of
+    its own, seeded per epoch); the final trained weights are bit-identical."""
+    common = ["--loss", loss, "--epochs", "3", "--no-amp", "--cfa-fawa-start", "1", "--cfa-begin", "1"]
+    a, b = run(tmp_path, *common, *plain, name="plain"), run(tmp_path, *common, *averaged, name="averaged")
+    rows_a, rows_b = utils.read_metrics(a / "metrics.csv"), utils.read_metrics(b / "metrics.csv")
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert {c: ra[c] for c in TRAINING_COLUMNS} == {c: rb[c] for c in TRAINING_COLUMNS}
+        raw = {c: rb[f"raw_{c}"] for c in tp.EVAL_COLUMNS if rb.get(f"raw_{c}") is not None}
+        assert raw and raw == {c: ra[c] for c in raw}, ra["epoch"]
+    trained_a = utils.load_checkpoint(a / "final.pt")["resume"]["model"]
+    trained_b = utils.load_checkpoint(b / "final.pt")["resume"]["model"]
+    assert all(torch.equal(v, trained_b[k]) for k, v in trained_a.items())

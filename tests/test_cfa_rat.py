@@ -2,6 +2,8 @@
 tensors, the class-wise margins in the attack, FAWA's update rule, RAT's randomised weights that only shape
 the attack, and resume after SIGKILL. One synthetic epoch of each, with and without PIAT, is in test_train.py."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -87,9 +89,11 @@ def test_cfa_training_loss_attacks_each_example_within_its_class_eps(monkeypatch
     monkeypatch.setattr(tp, "pgd_attack", lambda *a, **k: seen.append((a[3], k)) or real(*a, **k))
     args = cfa_args(argv=["--pgd-steps", "2"])
     calibration = (torch.tensor([1.0, 4.0, 8.0]) / 255, torch.tensor([1.0, 2.0, 3.0]))
-    loss, adv, clean = tp.training_loss(utils.Network(model, model, model), x, y, args, 5, calibration)
+    x_adv = tp.baseline_attack(model.eval(), x, y, args, calibration)
     (eps, kwargs), = seen
     assert torch.equal(eps, calibration[0][y]) and kwargs == {"loss": "kl", "random_start": "normal"}
+    adv = model.train()(x_adv)
+    loss, clean = tp.baseline_loss(model, model, x, y, adv, args, 5, calibration)
     assert torch.allclose(loss, tp.cfa_trades_loss(adv, clean, y, calibration[1]))
 
 
@@ -99,7 +103,11 @@ def test_fawa_takes_an_epoch_only_when_the_worst_class_clears_the_threshold():
     model(torch.rand(4, 3, 8, 8))  # move the BatchNorm statistics
     args = cfa_args(argv=["--cfa-fawa-start", "3"])
     average = tp.make_average(model, args)
-    assert tp.average_kind(args) == "fawa" and tp.reported_model(model, average) is model  # nothing averaged yet
+    assert tp.average_kind(args) == "fawa" and average.n_averaged == 0  # nothing averaged yet: the model reported
+
+    def fawa_update_(worst_val_robust_acc, epoch):
+        taken = tp.update_average_(average, model, {"val_worst_pgd20_acc": worst_val_robust_acc}, None, args, epoch)
+        return taken["fawa_updated"]
 
     def shifted(delta):
         with torch.no_grad():
@@ -109,29 +117,29 @@ def test_fawa_takes_an_epoch_only_when_the_worst_class_clears_the_threshold():
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     first = shifted(0.0)
-    assert not tp.fawa_update_(average, model, 0.9, epoch=1, args=args)  # epoch 2 < --cfa-fawa-start 3
-    assert not tp.fawa_update_(average, model, 0.19, epoch=2, args=args)  # worst class below 0.2
-    assert average.n_averaged == 0 and tp.reported_model(model, average) is model
-    assert tp.fawa_update_(average, model, 0.2, epoch=2, args=args)  # the first epoch it takes: a copy
-    assert tp.reported_model(model, average) is average.module
+    assert not fawa_update_(0.9, epoch=1)  # epoch 2 < --cfa-fawa-start 3
+    assert not fawa_update_(0.19, epoch=2)  # worst class below 0.2
+    assert average.n_averaged == 0
+    assert fawa_update_(0.2, epoch=2)  # the first epoch it takes: a copy
     for k, v in average.module.state_dict().items():
         assert torch.equal(v, first[k]), k
     second = shifted(1.0)
-    assert not tp.fawa_update_(average, model, 0.1, epoch=3, args=args)  # skipped: the average keeps `first`
-    assert tp.fawa_update_(average, model, 0.5, epoch=4, args=args)
+    assert not fawa_update_(0.1, epoch=3)  # skipped: the average keeps `first`
+    assert fawa_update_(0.5, epoch=4)
     for k, v in average.module.state_dict().items():
         if v.is_floating_point():  # parameters and BatchNorm statistics: 0.85 * average + 0.15 * weights
             assert torch.allclose(v, 0.85 * first[k] + 0.15 * second[k], atol=1e-6), k
     assert average.n_averaged == 2
 
 
-def test_cfa_defaults_hold_out_two_percent_and_refuse_a_second_average():
-    args = cfa_args()
-    data = utils.make_synthetic()
-    tp.fill_data_defaults(args, data)
-    assert args.val_size == 80  # 2% of the 4,000 synthetic training images
-    with pytest.raises(utils.UserError, match="two weight averages"):
+def test_cfa_defaults_hold_out_two_percent_and_refuse_a_second_average(tmp_path, capsys):
+    tp.main([*TINY, "--loss", "cfa", "--epochs", "1", "--pgd-steps", "1", "--out-dir", str(tmp_path / "run")])
+    args = utils.load_checkpoint(tmp_path / "run" / "final.pt")["args"]
+    assert args["val_size"] == 80 and args["rat_target_mass"] == 0.8  # 2% of the 4,000 synthetic training images
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["val_size"] == 80
+    with pytest.raises(SystemExit):
         cfa_args(argv=["--ema", "0.99"])
+    assert "--ema and CFA's FAWA are two weight averages" in capsys.readouterr().err
     assert cfa_args(argv=["--ema", "0.99", "--no-cfa-fawa"]).ema == 0.99
 
 
@@ -198,8 +206,9 @@ def test_rat_noise_shapes_the_attack_only_and_the_step_is_sgd_on_its_objective(m
 
     monkeypatch.setattr(tp, "pgd_attack", spy)
     torch.manual_seed(3)
-    loss, _, _ = tp.training_loss(utils.Network(model, model, model), x, y, args, epoch=0)
-    (victim, x_adv), = attacks
+    x_adv = tp.baseline_attack(model.eval(), x, y, args)
+    loss, _ = tp.baseline_loss(model, model, x, y, model.train()(x_adv), args, epoch=0)
+    (victim, _), = attacks
     with torch.no_grad():
         model.eval()
         difference = (victim(x) - model(x)).abs().max()
@@ -213,7 +222,7 @@ def test_rat_noise_shapes_the_attack_only_and_the_step_is_sgd_on_its_objective(m
     twin.train()
     clean, adv = twin(x), twin(x_adv)
     first, second = tp.rat_taylor_terms(adv, clean, y, twin.linear.weight, 0.8)
-    objective = 0.8 * F.cross_entropy(clean, y) + 6 * tp.trades_kl(adv, clean) + 0.2 * first + 0.04 * second
+    objective = 0.8 * F.cross_entropy(clean, y) + 6 * tp.trades_kl(adv, clean) + 0.2 * first + 0.08 * second
     assert torch.allclose(objective, loss, atol=1e-6)
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     twin_optimizer.zero_grad()
@@ -266,7 +275,7 @@ def test_evaluate_reports_the_worst_class_beside_the_average_and_the_papers_rows
     rows = ev.main([str(out / "final.pt"), "--attacks", "clean,pgd20", "--n-examples", "64", "--device", "cpu"])["rows"]
     model = utils.build_model("small-cnn", 10, *(utils.load_checkpoint(out / "final.pt")[k] for k in ("mean", "std")))
     model.load_state_dict(utils.load_checkpoint(out / "final.pt")["model"])
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     idx = utils.fixed_subset(len(data.x_test), 64).sort().values
     x, y = utils.to_float(data.x_test[idx]), data.y_test[idx]
     with torch.no_grad():

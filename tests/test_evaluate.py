@@ -22,7 +22,6 @@ from conftest import TINY, one_line_error, run_script
 CPU = ["--device", "cpu"]
 
 
-
 def checkpoint(model, data, epoch):
     """A checkpoint in train_piat.py's format, of an undefended (clean-trained) model."""
     return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "arch": "small-cnn",
@@ -37,7 +36,7 @@ def undefended(tmp_path_factory):
     synthetic images for 6 epochs: best.pt after epoch 5, final.pt after epoch 6. About 10 s."""
     run = tmp_path_factory.mktemp("undefended")
     utils.seed_everything(0)
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     x_train, y_train = data.x_train, data.y_train
     model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -69,7 +68,7 @@ def rebuild(path):
 
 def synthetic_examples(n):
     """The n synthetic test images evaluate.py takes by default: sorted(utils.fixed_subset(1000, n))."""
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     idx = utils.fixed_subset(len(data.x_test), n).sort().values
     return utils.to_float(data.x_test[idx]), data.y_test[idx]
 
@@ -197,6 +196,22 @@ def test_train_piat_run_folder_rebuilds_its_model_and_data(tmp_path):
     assert (run / "eval.json").is_file()
 
 
+def test_a_run_that_did_not_finish_is_measured_with_one_line_of_warning(undefended, tmp_path, capsys):
+    """final.pt of a run that diverged or was stopped holds an earlier epoch than the run's --epochs: its Final
+    column is not the paper's, and evaluate.py says so (and measures it all the same); a finished run is quiet."""
+    for epochs, warnings in ((10, ["final.pt holds epoch 6 of 10"]), (6, [])):
+        run = tmp_path / f"of_{epochs}"
+        run.mkdir()
+        for name in ("best.pt", "final.pt"):
+            saved = utils.load_checkpoint(undefended / name)
+            utils.save_checkpoint({**saved, "args": {**saved["args"], "epochs": epochs}}, run / name)
+        capsys.readouterr()
+        rows = ev.main([str(run), "--attacks", "clean", "--n-examples", "16", *CPU])["rows"]
+        assert [r["role"] for r in rows] == ["best", "final"]
+        printed = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert printed == [f"evaluate.py: warning: {run} did not finish: {w}" for w in warnings]
+
+
 def test_identical_best_and_final_are_measured_once(tmp_path, monkeypatch):
     """When best.pt is the final epoch, its weights equal final.pt's: each number is computed once and
     recorded for both, exactly (the seed is reset before every measurement)."""
@@ -207,7 +222,7 @@ def test_identical_best_and_final_are_measured_once(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "attack_flags", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     result = ev.main([str(run), "--attacks", "clean,pgd20", "--n-examples", "32", *CPU])
     rows = rows_by(result["rows"], "role", "attack")
-    assert calls == ["clean", "pgd20"]
+    assert calls == [None, "ce"]  # clean, then PGD on the cross-entropy: once each
     for attack in ("clean", "pgd20"):
         assert rows["final", attack]["accuracy"] == rows["best", attack]["accuracy"]
         assert rows["final", attack]["same_weights_as"] == str(run / "best.pt")
@@ -374,7 +389,7 @@ def test_more_bad_input_in_process(tmp_path, undefended, capsys):
         with pytest.raises(utils.UserError, match=r"notes.txt is not a checkpoint at all \(a text file"):
             ev.main([str(tmp_path / "notes.txt"), *extra, *CPU])
     (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(utils.UserError, match="empty.pt is empty: not a checkpoint at all"):
+    with pytest.raises(utils.UserError, match=r"empty.pt is not a checkpoint at all \(empty"):
         ev.main([str(tmp_path / "empty.pt"), *CPU])
     with pytest.raises(utils.UserError, match="is a checkpoint of this project"):
         ev.main([str(undefended / "best.pt"), "--arch", "small-cnn", *CPU])
@@ -407,3 +422,198 @@ def test_script_runs_when_copied_alone_into_an_empty_folder(tmp_path, root, unde
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "model.eval.json").read_text())
     assert [r["attack"] for r in saved["results"]] == ["clean"] and saved["results"][0]["n"] == 16
+
+
+# ------------------------------------------------------------------------------------------ a user's own defence
+
+DEFENCES = '''
+import torch
+import torch.nn as nn
+import utils
+
+
+def trained():
+    ck = utils.load_checkpoint(r"{final}")
+    net = utils.build_model(ck["arch"], ck["num_classes"], ck["mean"], ck["std"], **ck["model_kwargs"])
+    net.load_state_dict(ck["model"])
+    return net
+
+
+class Identity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = trained()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Noisy(nn.Module):  # a randomised defence: fresh input noise at every forward pass
+    def __init__(self):
+        super().__init__()
+        self.net = trained()
+
+    def forward(self, x):
+        return self.net((x + 0.03 * torch.randn_like(x)).clamp(0, 1))
+
+
+def identity():
+    return Identity()
+
+
+def noisy():
+    return Noisy()
+
+
+def probabilities_of_three():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+
+
+def images_out():
+    return nn.Identity()
+
+
+def not_a_module():
+    return dict(trained().state_dict())
+
+
+def raises():
+    raise ValueError("my own mistake")
+'''
+
+
+@pytest.fixture(scope="module")
+def defences(undefended, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("defences")
+    (folder / "defences.py").write_text(DEFENCES.replace("{final}", str(undefended / "final.pt")))
+    return folder / "defences.py"
+
+
+def test_an_identity_wrapper_through_model_reproduces_the_checkpoints_numbers(undefended, defences, tmp_path):
+    flags = ["--attacks", "clean,pgd20,cw20", "--n-examples", "64", *CPU]
+    by_checkpoint = rows_by(ev.main([str(undefended / "final.pt"), *flags, "--out", str(tmp_path / "a.json")])["rows"],
+                            "attack")
+    by_model = rows_by(ev.main(["--model", f"{defences}:identity", "--dataset", "synthetic", *flags])["rows"], "attack")
+    assert set(by_model) == {"clean", "pgd20", "cw20"}  # deterministic: no EOT row
+    for attack, row in by_model.items():
+        assert row["accuracy"] == by_checkpoint[attack]["accuracy"] and row["per_image"] == \
+            by_checkpoint[attack]["per_image"], attack
+        assert row["method"] == "defences.py" and row["run"].endswith("defences.py:identity")
+    saved = json.loads(defences.with_suffix(".eval.json").read_text())  # FILE.eval.json, the usual layout
+    assert {r["attack"] for r in saved["results"]} == {"clean", "pgd20", "cw20"} and "table" in saved
+
+
+def test_a_random_model_gets_eot_pgd_beside_pgd20(defences):
+    rows = rows_by(ev.main(["--model", f"{defences}:noisy", "--dataset", "synthetic", "--attacks", "clean,pgd20",
+                            "--n-examples", "32", "--eot-draws", "4", *CPU])["rows"], "attack")
+    assert set(rows) == {"clean", "pgd20", "eot20"} and rows["eot20"]["draws"] == 4
+    assert 0 <= rows["eot20"]["accuracy"] <= rows["clean"]["accuracy"] + 0.2
+    assert len(rows["eot20"]["per_image"]) == 32
+
+
+@pytest.mark.parametrize("name,message", [
+    ("missing", "defines no missing() to call"),
+    ("not_a_module", "not_a_module() returned a dict, not a torch.nn.Module"),
+    ("images_out", "maps 2 images to (2, 3, 32, 32), not logits"),
+    ("probabilities_of_three", "has 3 outputs but synthetic has 10 classes"),
+    ("raises", "ValueError while building it: my own mistake")])
+def test_a_users_model_that_does_not_fit_gets_one_line(defences, name, message):
+    result = run_script(ev.__file__, "--model", f"{defences}:{name}", "--dataset", "synthetic", "--attacks", "clean",
+                        "--n-examples", "8", *CPU)
+    assert message in one_line_error(result, "evaluate.py") and "Traceback" not in result.stderr
+
+
+def test_model_refuses_a_missing_file_and_a_spec_without_name(tmp_path):
+    assert f"no file {tmp_path / 'none.py'}" in one_line_error(run_script(ev.__file__, "--model",
+                                                                          f"{tmp_path / 'none.py'}:build"))
+    assert "give FILE.py:NAME" in one_line_error(run_script(ev.__file__, "--model", str(tmp_path / "none.py")))
+
+
+def test_a_single_class_subset_is_warned_about(undefended, capsys):
+    data = utils.load_dataset("synthetic", None)
+    first_class = int(data.y_test[0])
+    n = int((data.y_test != first_class).nonzero()[0, 0])  # the first n test images share one class
+    ev.main([str(undefended / "final.pt"), "--attacks", "clean", "--n-examples", str(n), "--subset", "first", *CPU])
+    assert "hold a single class: every accuracy on them is meaningless" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+
+def test_rows_keep_per_image_correctness_in_test_set_order(undefended, tmp_path):
+    rows = ev.main([str(undefended), "--attacks", "clean,pgd20", "--n-examples", "40", "--out",
+                    str(tmp_path / "e.json"), *CPU])["rows"]
+    x, y = synthetic_examples(40)
+    with torch.no_grad():
+        correct = (rebuild(undefended / "final.pt")(x).argmax(1) == y).int().tolist()
+    final = rows_by(rows, "role", "attack")
+    assert final[("final", "clean")]["per_image"] == correct
+    assert final[("final", "clean")]["indices"] == utils.fixed_subset(1000, 40).sort().values.tolist()
+    for row in rows:
+        assert sum(row["per_image"]) == row["correct"] and len(row["per_image"]) == 40
+
+
+def test_compare_reports_the_difference_its_interval_and_the_exact_mcnemar_p(undefended, tmp_path):
+    """Two methods (a second run: the same weights under another method's name, one image flipped by hand in its
+    results): the printed difference and p are recomputed here from eval.json's per-image results."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(undefended, a)
+    ev.main([str(a), "--attacks", "clean,pgd20", "--n-examples", "200", *CPU])
+    shutil.copytree(a, b)
+    saved = json.loads((b / "eval.json").read_text())
+    for row in saved["results"]:
+        row["method"], row["run"] = "Other", str(b)
+        flags = row["per_image"]
+        right, wrong = [i for i, f in enumerate(flags) if f][:6], [i for i, f in enumerate(flags) if not f][:1]
+        for i in right:  # six right answers become wrong, and one wrong answer right
+            flags[i] = 0
+        for i in wrong:
+            flags[i] = 1
+        row["accuracy"] = sum(flags) / len(flags)
+    (b / "eval.json").write_text(json.dumps(saved))
+    result = ev.main(["--compare", str(a), str(b), "--out", str(tmp_path / "cmp.json")])
+    written = json.loads((tmp_path / "cmp.json").read_text())
+    assert written["reference"] == "PGD-AT" and len(written["comparisons"]) == 4
+    for c in written["comparisons"]:
+        assert {"diff", "ci_low", "ci_high", "p_value"} <= set(c)
+        assert c["diff"] == pytest.approx(-5 / 200) and c["ci_low"] < c["diff"] < c["ci_high"] <= 0
+        assert (c["only_reference"], c["only_other"]) == (6, 1)
+        assert c["p_value"] == pytest.approx(2 * sum(math_comb(7, k) for k in range(2)) / 2 ** 7)  # exact binomial
+    assert "| Other | PGD-AT | final | PGD20 |" in result["table"]
+
+
+def math_comb(n, k):
+    import math
+
+    return math.comb(n, k)
+
+
+def test_compare_over_seeds_adds_a_t_interval_and_refuses_other_images(undefended, tmp_path):
+    runs = []
+    for name, method, shift in (("a0", "A", 0), ("a1", "A", 1), ("b0", "B", 2), ("b1", "B", 3)):
+        run = tmp_path / name
+        shutil.copytree(undefended, run)
+        rows = [{"run": str(run), "role": "final", "attack": "clean", "method": method, "dataset": "synthetic",
+                 "indices": list(range(50)), "per_image": [int((i + shift) % 3 > 0) for i in range(50)],
+                 "accuracy": 0.0}]
+        (run / "eval.json").write_text(json.dumps({"results": rows}))
+        runs.append(run)
+    (c,) = ev.main(["--compare", *map(str, runs)])["comparisons"]
+    per_seed = [[(i + s) % 3 > 0 for i in range(50)] for s in range(4)]
+    acc = [sum(f) / 50 for f in per_seed]
+    assert c["seeds"] == [2, 2] and c["diff"] == pytest.approx((acc[2] + acc[3] - acc[0] - acc[1]) / 2)
+    assert c["t_low"] is not None and c["t_low"] <= c["diff"] <= c["t_high"]
+    rows = json.loads((runs[3] / "eval.json").read_text())
+    rows["results"][0]["indices"] = list(range(1, 51))
+    (runs[3] / "eval.json").write_text(json.dumps(rows))
+    result = run_script(ev.__file__, "--compare", *runs)
+    assert "were not evaluated on the same images" in one_line_error(result, "evaluate.py")
+
+
+def test_every_attack_shows_progress_in_a_log_too(undefended):
+    """Not in a terminal (a log, a pipe) the progress bars still say which attack runs and how far it is."""
+    result = run_script(ev.__file__, undefended / "final.pt", "--attacks", "clean,pgd20,cw20", "--n-examples", "64",
+                        "--batch-size", "32", *CPU, env={"TQDM_DISABLE": "0"})
+    assert result.returncode == 0, result.stderr
+    for attack in ("clean", "pgd20", "cw20"):
+        assert f"final {attack}:" in result.stderr, result.stderr

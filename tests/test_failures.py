@@ -1,8 +1,8 @@
 """When something goes wrong. Bad input to train_piat.py, train_vit.py, train_rdat.py and evaluate.py ends in
-one line on stderr and a non-zero exit, without a traceback and without touching what a run folder already
-holds; a run that diverges stops with its last finite checkpoints and says so (exit code, status.json,
-evaluate.py's warning); Ctrl-C and SIGTERM end a run with the command that resumes it to exactly the weights of
-a run never stopped."""
+one line on stderr and a non-zero exit, without a traceback and without touching what a folder already holds; a
+run that diverges stops with its last finite checkpoints and says so (exit status 3, evaluate.py's warning); a
+stop signal lets the running epoch finish and be saved, then ends the run with the command that resumes it to
+exactly the weights of a run never stopped."""
 
 import hashlib
 import json
@@ -11,11 +11,9 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +32,7 @@ TINY_VIT = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--no-p
             json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2}), "--train-size", "32", "--eval-size", "16",
             "--batch-size", "16", "--pgd-steps", "1", "--eval-pgd-steps", "1", "--device", "cpu"]
 BASE = {"train_piat.py": TINY, "train_rdat.py": TINY, "train_vit.py": TINY_VIT}
-# two epochs of one step each: the issue's diverging command, at the size of the tests
+# two epochs of one step each: a diverging command at the size of the tests
 ONE_STEP = [*TINY, "--train-size", "32", "--eval-size", "16", "--epochs", "2"]
 
 
@@ -56,9 +54,9 @@ def image_folder(root, train_classes, test_classes):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """What the bad inputs are tried on: a finished one-epoch train_piat.py run; one that diverged in its second
-    epoch (`--lr 1e38`); image folders with a file that is no image and with a class only in test; a run folder
-    that another seed started; one a live process is training; a file where a folder belongs; a checkpoint
-    holding a nan."""
+    epoch (`--lr 1e38`); image folders with a file that is no image, with a class only in test, and with one
+    class; a folder of a user's own files named like a run's; a file where a folder belongs; a checkpoint holding
+    a nan."""
     root = tmp_path_factory.mktemp("failures")
     tp.main([*TINY, "--train-size", "32", "--eval-size", "16", "--epochs", "1", "--out-dir", str(root / "run")])
     with pytest.raises(utils.Diverged) as diverged:  # in this process: one start-up less
@@ -66,22 +64,16 @@ def folders(tmp_path_factory):
     not_an_image = image_folder(root / "not_an_image", ["a", "b"], ["a", "b"])
     (not_an_image / "train" / "a" / "x.png").write_text("this is not an image\n")
     image_folder(root / "extra_class", ["a", "b"], ["a", "b", "c"])
-    (root / "seed1").mkdir()
-    args = json.loads((root / "run" / "args.json").read_text())
-    (root / "seed1" / "args.json").write_text(json.dumps({**args, "seed": 1, "out_dir": str(root / "seed1")}))
+    image_folder(root / "one_class", ["a"], ["a"])
+    (root / "mine").mkdir()
+    for name in ("metrics.csv", "best.pt", "final.pt"):
+        (root / "mine" / name).write_text(f"the user's own {name}\n")
     (root / "file").write_text("a file, not a folder\n")
     nan_weights = utils.load_checkpoint(root / "run" / "final.pt")  # as a run of an older version could leave it
     nan_weights["model"]["linear.bias"][2] = float("nan")
     (root / "nan_weights").mkdir()
     torch.save(nan_weights, root / "nan_weights" / "final.pt")
-    # a process on this machine that looks like train_piat.py training in root/busy
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "train_piat.py"])
-    (root / "busy").mkdir()
-    (root / "busy" / "status.json").write_text(json.dumps({"status": "running", "script": "train_piat.py",
-                                                           "pid": sleeper.pid, "host": socket.gethostname()}))
     yield {"root": root, "diverged": diverged.value}
-    sleeper.kill()
-    sleeper.wait()
 
 
 def snapshot(root):
@@ -90,27 +82,37 @@ def snapshot(root):
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# (script, arguments, what the one line must say, exit code). {name} is a folder of the fixture above; {new} an
+# (script, arguments, what the one line must say, exit status). {name} is a folder of the fixture above; {new} an
 # --out-dir that must still not exist afterwards (or, for a run that diverged, hold only finite weights). Exit
-# codes: 2, argparse refused a flag; 1, bad input found later; 3, the run diverged.
+# statuses: 2, argparse refused a flag; 1, bad input found later; 3, the run diverged.
 BAD_INPUTS = {
     # every numeric flag: finite and in range
-    "piat-lr-nan": ("train_piat.py", ["--lr", "nan"], "argument --lr: must be a finite number, got nan", 2),
-    "piat-momentum": ("train_piat.py", ["--momentum", "1.5"], "argument --momentum: must lie in [0, 1], got 1.5", 2),
-    "piat-weight-decay": ("train_piat.py", ["--weight-decay=-1e-4"], "argument --weight-decay: must be >= 0", 2),
+    "piat-lr-nan": ("train_piat.py", ["--lr", "nan"], "argument --lr: must be a finite number in [0, inf], got nan", 2),
+    "piat-momentum": ("train_piat.py", ["--momentum", "1.5"], "argument --momentum: must be a finite number in [0, 1]",
+                      2),
+    "piat-weight-decay": ("train_piat.py", ["--weight-decay=-1e-4"], "argument --weight-decay: must be a finite", 2),
     "piat-alpha-fixed": ("train_piat.py", ["--alpha-fixed", "nan"], "argument --alpha-fixed: must be a finite", 2),
-    "piat-alpha-b": ("train_piat.py", ["--alpha-b", "0"], "argument --alpha-b: must be > 0, got 0", 2),
-    "piat-epsilon": ("train_piat.py", ["--epsilon", "300"], "argument --epsilon: must be <= 255, got 300", 2),
-    "piat-seed": ("train_piat.py", ["--seed", "-1"], "argument --seed: must lie in [0, 4294967295], got -1", 2),
-    "rdat-beta-final": ("train_rdat.py", ["--beta-final", "1.5"], "argument --beta-final: must lie in [0, 1]", 2),
+    "piat-alpha-b": ("train_piat.py", ["--alpha-b", "0"], "argument --alpha-b: must be a finite number in (0, inf)", 2),
+    "piat-epsilon": ("train_piat.py", ["--epsilon", "300"], "argument --epsilon: must be a finite number in [0, 255]",
+                     2),
+    "piat-seed": ("train_piat.py", ["--seed", "-1"], "argument --seed: must be a finite number in [0, 4294967295]", 2),
+    "piat-ema-one": ("train_piat.py", ["--ema", "1"], "argument --ema: must be a finite number in (0, 1), got 1", 2),
+    "piat-piat-every-without-piat": ("train_piat.py", ["--no-piat", "--piat-every", "2"], "--piat-every needs --piat",
+                                     2),
+    "rdat-beta-final": ("train_rdat.py", ["--beta-final", "1.5"], "argument --beta-final: must be a finite number", 2),
     "rdat-ema-decay": ("train_rdat.py", ["--ema-decay", "nan"], "argument --ema-decay: must be a finite number", 2),
-    "vit-lr": ("train_vit.py", ["--lr", "nan"], "argument --lr: must be a finite number, got nan", 2),
+    "vit-lr": ("train_vit.py", ["--lr", "nan"], "argument --lr: must be a finite number", 2),
     "vit-grad-clip": ("train_vit.py", ["--grad-clip", "inf"], "argument --grad-clip: must be a finite number", 2),
     "vit-milestones": ("train_vit.py", ["--lr-milestones", "10", "nan"], "argument --lr-milestones: must be a "
-                                                                         "finite number, got nan", 2),
-    "vit-alpha-max": ("train_vit.py", ["--alpha-max", "2"], "argument --alpha-max: must lie in [0, 1], got 2", 2),
+                                                                         "finite number", 2),
+    "vit-alpha-max": ("train_vit.py", ["--alpha-max", "2"], "argument --alpha-max: must be a finite number in [0, 1]",
+                      2),
     "eval-epsilon": ("evaluate.py", ["{run}", "--epsilon", "nan"], "argument --epsilon: must be a finite number", 2),
-    # a run that diverges (the issue's command): exit code 3; its folder keeps only finite weights (checked below)
+    # sizes beyond the data
+    "piat-train-size": ("train_piat.py", ["--train-size", "10000000"], "--train-size 10000000, but the data set has "
+                                                                       "only 4000 images", 1),
+    "rdat-eval-size": ("train_rdat.py", ["--eval-size", "5000"], "--eval-size 5000, but the data set has only 1000", 1),
+    # a run that diverges: exit status 3; its folder keeps only finite weights (checked below)
     "piat-lr-1e38": ("train_piat.py", [*ONE_STEP, "--lr", "1e38", "--out-dir", "{new}"],
                      "diverged: the training loss is nan at epoch 2, step 1; ", 3),
     # image folders
@@ -118,19 +120,25 @@ BAD_INPUTS = {
                           "{not_an_image}/train/a/x.png is not a readable image", 1),
     "piat-class-only-in-test": ("train_piat.py", ["--dataset", "imagefolder", "--data-dir", "{extra_class}"],
                                 "class folder 'c' is in {extra_class}/test but not in {extra_class}/train", 1),
+    "piat-one-class": ("train_piat.py", ["--dataset", "imagefolder", "--data-dir", "{one_class}"],
+                       "{one_class} holds one class", 1),
     "eval-not-an-image": ("evaluate.py", ["{run}/final.pt", "--dataset", "imagefolder", "--data-dir",
                                           "{not_an_image}", "--attacks", "clean", "--device", "cpu"],
                           "{not_an_image}/train/a/x.png is not a readable image", 1),
-    # output folders and resumed runs
-    "piat-out-dir-holds-a-run": ("train_piat.py", [*TINY, "--out-dir", "{run}"], "{run} already holds a run", 1),
-    "rdat-out-dir-holds-a-piat-run": ("train_rdat.py", [*TINY, "--out-dir", "{run}"],
-                                      "{run} already holds a run of train_piat.py", 1),
-    "piat-out-dir-of-another-seed": ("train_piat.py", [*TINY, "--out-dir", "{seed1}"],
-                                     "{seed1} holds the args.json of a run with --seed 1", 1),
-    "piat-out-dir-in-use": ("train_piat.py", [*TINY, "--out-dir", "{busy}"], "{busy} is being trained by process", 1),
-    "piat-out-dir-is-a-file": ("train_piat.py", [*TINY, "--out-dir", "{file}"], "{file} is a file, not a folder", 1),
-    "piat-resume-diverged": ("train_piat.py", ["--resume", "{diverged}"], "{diverged} diverged at epoch 2, step 1", 1),
-    "rdat-resume-piat-run": ("train_rdat.py", ["--resume", "{run}"], "written by train_piat.py, not train_rdat.py", 1),
+    # output folders and resumed runs: a folder that holds anything is never written into
+    "piat-out-dir-holds-a-run": ("train_piat.py", [*TINY, "--out-dir", "{run}"],
+                                 "--out-dir {run} is not empty; choose a new or empty folder, or continue its run with "
+                                 "--resume {run}", 1),
+    "rdat-out-dir-holds-a-piat-run": ("train_rdat.py", [*TINY, "--out-dir", "{run}"], "--out-dir {run} is not empty",
+                                      1),
+    "vit-out-dir-holds-my-files": ("train_vit.py", [*TINY_VIT, "--out-dir", "{mine}"], "--out-dir {mine} is not empty",
+                                   1),
+    "piat-out-dir-holds-my-files": ("train_piat.py", [*TINY, "--out-dir", "{mine}"],
+                                    "--out-dir {mine} is not empty; choose a new or empty folder, or move them "
+                                    "away", 1),
+    "piat-out-dir-is-a-file": ("train_piat.py", [*TINY, "--out-dir", "{file}"], "--out-dir {file} is a file", 1),
+    "rdat-resume-piat-run": ("train_rdat.py", ["--resume", "{run}"], "a run of train_piat.py, not train_rdat.py", 1),
+    "piat-resume-my-files": ("train_piat.py", ["--resume", "{mine}/final.pt"], "--resume {mine}/final.pt: no run", 1),
     "eval-nan-weights": ("evaluate.py", ["{nan_weights}/final.pt", "--device", "cpu"],
                          "{nan_weights}/final.pt holds weights that are not finite (linear.bias is nan)", 1),
     # devices
@@ -144,19 +152,18 @@ BAD_INPUTS = {
 def test_bad_input_gets_one_line_and_changes_nothing(case, folders, tmp_path):
     script, argv, message, code = BAD_INPUTS[case]
     names = {p.name: str(p) for p in folders["root"].iterdir()} | {"new": str(tmp_path / "new")}
-    argv = [a.format(**names) for a in argv]
+    argv = [a.format(**names) if "{" in a and "}" in a and not a.startswith("{\"") else a for a in argv]
     if script != "evaluate.py" and "--out-dir" not in argv and "--resume" not in argv:
         argv = [*BASE[script], "--out-dir", names["new"], *argv]  # were the input accepted, the run would write here
     before = snapshot(folders["root"])
     result = run_script(SCRIPTS[script], *argv, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == code and len(lines) == 1, result.stderr
-    kind = "diverged" if code == utils.EXIT_DIVERGED else "error"
+    kind = "diverged" if code == 3 else "error"
     assert lines[0].startswith(f"{script}: {kind}: ") and message.format(**names) in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(folders["root"]) == before  # nothing that was written changed
-    if code == utils.EXIT_DIVERGED:
-        assert utils.read_status(tmp_path / "new")["status"] == "diverged"
+    if code == 3:
         for name in ("best.pt", "final.pt"):
             assert weights_are_finite(utils.load_checkpoint(tmp_path / "new" / name)), name
     else:
@@ -171,71 +178,54 @@ def weights_are_finite(checkpoint):
 
 
 def test_a_diverged_run_keeps_its_last_finite_checkpoints_and_says_so(folders, tmp_path, capsys):
-    """The issue's command (run as a script in the table above): --lr 1e38 on one step per epoch. Epoch 1 ends
-    with huge but finite weights; the first loss of epoch 2 is nan."""
-    stopped, run = folders["diverged"], folders["root"] / "diverged"
-    assert (stopped.epoch, stopped.step, stopped.stop.status, stopped.stop.exit_code) == (2, 1, "diverged", 3)
-    line = stopped.stop.line
-    assert re.match(r"diverged: the training loss is (nan|inf|-inf) at epoch 2, step 1; ", line), line
-    assert "final.pt: epoch 1" in line and "try a lower --lr than 1e+38" in line
+    """--lr 1e38 on one step per epoch (run as a script in the table above): epoch 1 ends with huge but finite
+    weights; the first loss of epoch 2 is nan."""
+    line, run = str(folders["diverged"]), folders["root"] / "diverged"
+    assert re.match(r"the training loss is (nan|inf|-inf) at epoch 2, step 1; best.pt and final.pt keep epoch 1; "
+                    r"start a new run with a lower --lr$", line), line
     for name in ("final.pt", "best.pt"):
         checkpoint = utils.load_checkpoint(run / name)
         assert checkpoint["epoch"] == 1 and weights_are_finite(checkpoint), name
     assert [r["epoch"] for r in utils.read_metrics(run / "metrics.csv")] == [1]
-    status = utils.read_status(run)
-    assert {k: status[k] for k in ("status", "script", "epoch", "step", "epochs_saved", "epochs", "exit_code")} == {
-        "status": "diverged", "script": "train_piat.py", "epoch": 2, "step": 1, "epochs_saved": 1, "epochs": 2,
-        "exit_code": 3}
-    assert status["message"] == line
     # evaluate.py measures it (into a copy: the folder stays as it was), with one line of warning
     copy = tmp_path / "diverged"
     shutil.copytree(run, copy)
     capsys.readouterr()
     ev.main([str(copy), "--attacks", "clean", "--n-examples", "16", "--device", "cpu"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert warnings == [f"evaluate.py: warning: {copy} did not finish: it diverged at epoch 2, step 1; epochs saved: "
-                        "1 of 2; status.json"]
+    assert warnings == [f"evaluate.py: warning: {copy} did not finish: final.pt holds epoch 1 of 2"]
 
 
-@pytest.mark.parametrize("script", ["train_rdat.py", "train_vit.py"])
-def test_a_planted_nan_loss_stops_every_training_script_before_it_saves(script, tmp_path, monkeypatch):
-    """A nan planted into the natural learner's loss (RDAT's second loss) or the ViT's training loss at the
-    second of the two steps of epoch 2: the run stops there, and its checkpoints hold epoch 1."""
-    module, flags = (tr, [*TINY, "--train-size", "64", "--eval-size", "16"]) if script == "train_rdat.py" else \
-        (tv, TINY_VIT)
-    calls = []
-    if module is tr:
-        real = tr.rdat_step_
+def poison_the_fourth_check(monkeypatch, module):
+    """Make the last loss checked at the 4th step (epoch 2, step 2 of two-step epochs) nan, as if it diverged."""
+    real, calls = utils.check_finite, []
 
-        def poisoned(*args, **kwargs):
-            calls.append(1)
-            loss, natural_loss, *logits = real(*args, **kwargs)
-            return loss, (natural_loss * float("nan") if len(calls) == 4 else natural_loss), *logits
+    def poisoned(epoch, step, **losses):
+        calls.append(1)
+        if len(calls) == 4:
+            name = list(losses)[-1]
+            losses[name] = losses[name] * float("nan")
+        return real(epoch, step, **losses)
 
-        monkeypatch.setattr(tr, "rdat_step_", poisoned)
-        what = "the natural learner loss is nan at epoch 2, step 2"
-    else:
-        real = tv.training_loss
+    monkeypatch.setattr(module.utils, "check_finite", poisoned)
 
-        def poisoned(*args, **kwargs):
-            calls.append(1)
-            loss, *logits = real(*args, **kwargs)
-            return (loss * float("nan") if len(calls) == 4 else loss), *logits
 
-        monkeypatch.setattr(tv, "training_loss", poisoned)
-        what = "the training loss is nan at epoch 2, step 2"
+@pytest.mark.parametrize("script", ["train_piat.py", "train_rdat.py", "train_vit.py"])
+def test_a_nan_loss_stops_every_training_script_before_it_saves(script, tmp_path, monkeypatch):
+    """A nan loss at the second of the two steps of epoch 2 (RDAT: its natural learner's, the second loss it
+    checks): the run stops there, and its checkpoints and metrics hold epoch 1."""
+    module, flags = {"train_piat.py": (tp, TINY), "train_rdat.py": (tr, TINY), "train_vit.py": (tv, TINY_VIT)}[script]
+    flags = [*flags, "--train-size", "64", "--batch-size", "32", "--eval-size", "16"]
+    poison_the_fourth_check(monkeypatch, module)
     out = tmp_path / "run"
-    with pytest.raises(utils.Diverged, match=what) as stopped:
+    with pytest.raises(utils.Diverged, match=r"the \w[\w ]* loss is nan at epoch 2, step 2; best.pt and final.pt keep "
+                                             r"epoch 1") as stopped:
         module.main([*flags, "--epochs", "3", "--out-dir", str(out)])
-    assert (stopped.value.epoch, stopped.value.step) == (2, 2)
-    assert stopped.value.stop.exit_code == 3 and stopped.value.stop.line.startswith(f"diverged: {what}; ")
+    assert script != "train_rdat.py" or "natural" in str(stopped.value)
     for name in ("final.pt", "best.pt"):
         checkpoint = utils.load_checkpoint(out / name)
         assert checkpoint["epoch"] == 1 and weights_are_finite(checkpoint), name
     assert len(utils.read_metrics(out / "metrics.csv")) == 1
-    status = utils.read_status(out)
-    assert (status["status"], status["script"], status["epoch"], status["step"], status["epochs_saved"]) == (
-        "diverged", script, 2, 2, 1)
 
 
 def test_weights_that_turn_non_finite_are_never_saved(tmp_path, monkeypatch):
@@ -243,30 +233,32 @@ def test_weights_that_turn_non_finite_are_never_saved(tmp_path, monkeypatch):
     before anything of that epoch is written."""
     real = tp.piat_step_
 
-    def poisoned(model, prev_state, epoch, args):
-        alpha, prev = real(model, prev_state, epoch, args)
+    def poisoned(model, theta_prev, epoch, args):
+        alpha, theta_prev = real(model, theta_prev, epoch, args)
         if epoch == 1:
             model.linear.bias.data[3] = float("inf")
-        return alpha, prev
+        return alpha, theta_prev
 
     monkeypatch.setattr(tp, "piat_step_", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(utils.Diverged, match="linear.bias of the model is inf at the end of epoch 2"):
+    with pytest.raises(utils.Diverged, match="linear.bias of the model is not finite at the end of epoch 2; best.pt "
+                                             "and final.pt keep epoch 1"):
         tp.main([*ONE_STEP, "--epochs", "3", "--out-dir", str(out)])
     assert utils.load_checkpoint(out / "final.pt")["epoch"] == 1 and len(utils.read_metrics(out / "metrics.csv")) == 1
-    assert (utils.read_status(out)["status"], utils.read_status(out)["step"]) == ("diverged", None)
 
 
 def test_check_finite_names_the_loss_and_counts_from_one():
     utils.check_finite(0, 0, training_loss=torch.tensor(1.5))
-    with pytest.raises(utils.Diverged, match="the robust loss is inf at epoch 3, step 8") as stopped:
+    with pytest.raises(utils.Diverged, match="the robust loss is inf at epoch 3, step 8; best.pt and final.pt keep "
+                                             "epoch 2"):
         utils.check_finite(2, 7, natural_loss=torch.tensor(0.3), robust_loss=torch.tensor(float("inf")))
-    assert (stopped.value.epoch, stopped.value.step, stopped.value.value) == (3, 8, float("inf"))
+    with pytest.raises(utils.Diverged, match="at epoch 1, step 1; nothing was saved"):
+        utils.check_finite(0, 0, training_loss=torch.tensor(float("nan")))
 
 
-# ------------------------------------------------------------------------------------------ interrupts
+# ------------------------------------------------------------------------------------------ stop signals
 
-SIGNAL_RUN = [*TINY, "--epochs", "2", "--train-size", "256", "--batch-size", "16"]  # epoch 2 outlasts the signal
+SIGNAL_RUN = [*TINY, "--epochs", "3", "--train-size", "256", "--batch-size", "16", "--no-amp"]
 
 
 @pytest.fixture(scope="module")
@@ -276,78 +268,58 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_names_its_resume_command_which_resumes_exactly(signum, tmp_path, uninterrupted):
-    """Ctrl-C or SIGTERM (Slurm's warning before preemption) once the first final.pt exists: one line with the
-    exact --resume command and exit code 128 + the signal's number; that command ends with the weights of a run
-    never stopped."""
-    run = tmp_path / "run"
-    # SIGINT as in a terminal, even where the suite itself was started in the background (which ignores it)
+def start_and_signal(run, signums):
+    """Start train_piat.py as a user would and send `signums`, one after another, once its first final.pt exists
+    (in its second epoch). SIGINT as in a terminal, even where the suite itself runs in the background."""
     proc = subprocess.Popen([sys.executable, tp.__file__, *SIGNAL_RUN, "--out-dir", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (run / "final.pt").exists() and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signum)
+    for signum in signums:
+        proc.send_signal(signum)
+        time.sleep(0.2)
     _, stderr = proc.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 128 + signum and len(lines) == 1, stderr
+    return proc.returncode, lines
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2])
+def test_a_stop_signal_ends_the_run_after_the_epoch_with_the_command_that_resumes_it(signum, tmp_path,
+                                                                                     uninterrupted):
+    """Ctrl-C, SIGTERM (Slurm's warning before preemption) or SIGUSR2 in epoch 2: the epoch is finished and saved
+    whole (checkpoints, its metrics row, curves.png), then one line with the exact --resume command and exit status
+    128 + the signal's number; that command ends with the weights of a run never stopped."""
+    run = tmp_path / "run"
+    code, lines = start_and_signal(run, [signum])
     name = signal.Signals(signum).name
-    assert lines[0].startswith(f"train_piat.py: interrupted by {name} in epoch 2; {run}/final.pt holds epoch 1; ")
-    saved = utils.load_checkpoint(run / "final.pt")
-    assert saved["epoch"] == 1 and len(utils.read_metrics(run / "metrics.csv")) == 1
-    status = utils.read_status(run)
-    assert (status["status"], status["epochs_saved"], status["exit_code"]) == ("interrupted", 1, 128 + signum)
-    # the printed command (run in this process: one start-up less)
-    command = shlex.split(lines[0].split("continue exactly from there with: ", 1)[1])
+    assert code == 128 + signum and lines[-1].startswith(f"train_piat.py: interrupted by {name} after epoch 2; "
+                                                         "continue from the last saved epoch with: "), lines
+    assert lines[:-1] == [f"{name}: stopping once this epoch is saved (again to stop at once)"]
+    assert utils.load_checkpoint(run / "final.pt")["epoch"] == 2
+    assert [r["epoch"] for r in utils.read_metrics(run / "metrics.csv")] == [1, 2]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn as the run stops
+    command = shlex.split(lines[-1].split("continue from the last saved epoch with: ", 1)[1])
     assert command == ["python", tp.__file__, "--resume", str(run)]
-    tp.main(command[2:])
+    tp.main(command[2:])  # in this process: one start-up less
     a, b = utils.load_checkpoint(uninterrupted / "final.pt"), utils.load_checkpoint(run / "final.pt")
-    assert b["epoch"] == 2 and utils.read_status(run)["status"] == "finished"
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert utils.read_metrics(run / "metrics.csv")[-1]["train_loss"] == \
-        utils.read_metrics(uninterrupted / "metrics.csv")[-1]["train_loss"]
+    assert b["epoch"] == 3 and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    columns = ("epoch", "lr", "alpha", "train_loss", "test_clean_acc", "test_pgd20_acc")
+    assert [{c: r[c] for c in columns} for r in utils.read_metrics(run / "metrics.csv")] == \
+        [{c: r[c] for c in columns} for r in utils.read_metrics(uninterrupted / "metrics.csv")]
 
 
-def test_a_signal_while_an_epoch_is_written_waits_until_all_of_it_is(tmp_path, monkeypatch):
-    """SIGUSR2 (sent before a requeue on some clusters) arriving between epoch 2's final.pt and its metrics.csv
-    row: the row, status.json and curves.png are still written, then the run stops, consistent."""
-    real = utils.save_checkpoint
-
-    def save_then_signal(checkpoint, path):
-        real(checkpoint, path)
-        if Path(path).name == "final.pt" and checkpoint["epoch"] == 2:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(utils, "save_checkpoint", save_then_signal)
-    out = tmp_path / "run"
-    with pytest.raises(utils.Interrupted) as stopped:
-        tp.main([*ONE_STEP, "--epochs", "3", "--out-dir", str(out)])
-    assert stopped.value.signum == signal.SIGUSR2 and stopped.value.stop.exit_code == 128 + signal.SIGUSR2
-    assert utils.load_checkpoint(out / "final.pt")["epoch"] == 2
-    assert [r["epoch"] for r in utils.read_metrics(out / "metrics.csv")] == [1, 2]
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn as the run stops
-    status = utils.read_status(out)
-    assert (status["status"], status["epochs_saved"], status["epoch"]) == ("interrupted", 2, 3)
-    assert f"--resume {out}" in status["message"]
-    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # the handlers are put back
+def test_a_second_signal_stops_at_once_and_final_pt_keeps_the_last_saved_epoch(tmp_path):
+    run = tmp_path / "run"
+    code, lines = start_and_signal(run, [signal.SIGINT, signal.SIGINT])
+    assert code == 130 and lines[-1].startswith("train_piat.py: interrupted by SIGINT at once; continue from the last "
+                                                "saved epoch with: "), lines
+    assert utils.load_checkpoint(run / "final.pt")["epoch"] == 1
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no half-written file
 
 
-def test_a_run_folder_that_saved_no_epoch_is_reused_by_the_same_run_only(tmp_path, monkeypatch):
-    """A run stopped in its first epoch leaves args.json (and status.json): the same command starts it over there;
-    another seed or another script is refused."""
-    monkeypatch.setattr(utils.RUN, "script", "train_piat.py")  # as run_guard sets it
-    args = tp.parse_args([*TINY, "--out-dir", str(tmp_path / "run")])
-    utils.make_run_dir(args)
-    utils.save_json(vars(args), tmp_path / "run" / "args.json")
-    assert utils.make_run_dir(args) == tmp_path / "run"  # the same command again starts over
-    args.seed = 3
-    with pytest.raises(utils.UserError, match="with --seed 0 that saved no epoch yet, not --seed 3"):
-        utils.make_run_dir(args)
-    (tmp_path / "run" / "status.json").write_text(json.dumps({"status": "interrupted", "script": "train_piat.py"}))
-    monkeypatch.setattr(utils.RUN, "script", "train_rdat.py")
-    args = tr.parse_args([*TINY, "--out-dir", str(tmp_path / "run")])
-    with pytest.raises(utils.UserError, match="holds the args.json of a run of train_piat.py that saved no epoch"):
-        utils.make_run_dir(args)
+def test_the_signal_handlers_are_put_back(tmp_path):
+    before = {s: signal.getsignal(s) for s in utils.STOP_SIGNALS}
+    tp.main([*ONE_STEP, "--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    assert {s: signal.getsignal(s) for s in utils.STOP_SIGNALS} == before

@@ -1,5 +1,6 @@
 """The named functions of train_piat.py against the formulas of docs/method.md, computed here directly."""
 
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -15,10 +16,10 @@ import utils
 def trained_model():
     """A small CNN trained (clean) on the synthetic set until it classifies it well."""
     torch.manual_seed(0)
-    data = utils.make_synthetic(train_size=1024, test_size=128)
+    data = utils.load_dataset("synthetic", None)
     model = utils.build_model("small-cnn", data.num_classes, data.mean, data.std)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = utils.to_float(data.x_train), data.y_train
+    x, y = utils.to_float(data.x_train[:1024]), data.y_train[:1024]
     model.train()
     for _ in range(4):
         for i in range(0, len(x), 32):
@@ -27,7 +28,7 @@ def trained_model():
             loss.backward()
             opt.step()
     model.eval()
-    x_test, y_test = utils.to_float(data.x_test), data.y_test
+    x_test, y_test = utils.to_float(data.x_test[:128]), data.y_test[:128]
     with torch.no_grad():
         assert (model(x_test).argmax(1) == y_test).float().mean() > 0.8
     return model, x_test, y_test
@@ -37,7 +38,7 @@ def trained_model():
 
 
 @pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
-@pytest.mark.parametrize("start", [True, "normal", False])
+@pytest.mark.parametrize("start", ["uniform", "normal", None])
 def test_pgd_stays_in_the_ball_and_the_box(trained_model, loss, start):
     model, x, y = trained_model
     x = x[:32].clone()
@@ -71,8 +72,28 @@ def test_pgd_one_step_is_eq3(trained_model):
     x_req = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x_req), y, reduction="sum"), x_req)
     expected = torch.min(torch.max(x + eta * grad.sign(), x - eps), x + eps).clamp(0, 1)
-    got = tp.pgd_attack(model, x, y, eps, eta, 1, random_start=False)
+    got = tp.pgd_attack(model, x, y, eps, eta, 1, random_start=None)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_random_starts_come_from_the_generator_given(trained_model):
+    """The per-epoch evaluation attacks from a generator of its own: the same seed gives the same x', and the global
+    generator is neither used nor moved."""
+    model, x, y = trained_model
+    before = torch.get_rng_state()
+    runs = [tp.pgd_attack(model, x[:8], y[:8], 8 / 255, 2 / 255, 2, generator=torch.Generator().manual_seed(5))
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_model_without_input_gradient_is_left_where_the_start_put_it():
+    """A defence whose output ignores the input's gradient (here: detached) gets no step, and no crash."""
+    class Detached(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x.detach().mean((1, 2, 3)), -x.detach().mean((1, 2, 3))], 1)
+
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    assert torch.equal(tp.pgd_attack(Detached(), x, y, 8 / 255, 2 / 255, 3, random_start=None), x)
 
 
 def test_cw_attack_raises_the_margin(trained_model):
@@ -237,41 +258,62 @@ def test_lr_schedule_is_the_papers():
         assert tp.lr_at(epoch, 0.1, 180) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("loss,attack,start", [("ce", "ce", "uniform"), ("nmse", "ce", "uniform"),
-                                               ("alp", "ce", "uniform"), ("trades", "kl", "normal"),
-                                               ("mart", "ce", "normal"), ("mail", "ce", "normal")])
-def test_each_loss_uses_its_papers_attack_and_formula(monkeypatch, trained_model, loss, attack, start):
-    model, x, y = trained_model
-    x, y = x[:16], y[:16]
-    calls = []
-    real_attack = tp.pgd_attack
+def attack_spy(monkeypatch):
+    """Record (loss, random start, the attacked model in training mode, generator given) of every pgd_attack call."""
+    calls, real = [], tp.pgd_attack
 
-    def spy(*a, **kw):
-        calls.append((kw["loss"], kw["random_start"], model.training))
-        return real_attack(*a, **kw)
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append((bound.arguments["loss"], bound.arguments["random_start"], bound.arguments["model"].training,
+                      bound.arguments["generator"] is not None))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(tp, "pgd_attack", spy)
+    return calls
+
+
+@pytest.mark.parametrize("loss,attack,start", [("alp", "ce", "uniform"), ("trades", "kl", "normal"),
+                                               ("mart", "ce", "normal"), ("mail", "ce", "normal")])
+def test_each_baseline_uses_its_papers_attack_and_formula(monkeypatch, trained_model, loss, attack, start):
+    model, x, y = trained_model
+    x, y = x[:16], y[:16]
+    calls = attack_spy(monkeypatch)
     args = SimpleNamespace(loss=loss, epsilon=8, step_size=2, pgd_steps=3, lam=2.0, beta=6.0, mail_bias=-1.5,
                            mail_slope=1.0, mail_burn_in=5)
     torch.manual_seed(0)
-    value, logits_adv, logits_clean = tp.training_loss(utils.Network(model, model, model), x, y, args, epoch=7)
-    assert calls == [(attack, start, False)]  # BatchNorm in eval mode while attacking
-    assert model.training
+    model.eval()
+    x_adv = tp.baseline_attack(model, x, y, args)
+    assert calls == [(attack, start, False, False)]  # BatchNorm in eval mode while attacking
+    model.train()
+    logits_adv = model(x_adv)
+    value, logits_clean = tp.baseline_loss(model, model, x, y, logits_adv, args, epoch=7)
     expected = {
-        "ce": lambda: F.cross_entropy(logits_adv, y),
-        "nmse": lambda: F.cross_entropy(logits_adv, y) + 2.0 * tp.nmse_loss(logits_adv, logits_clean, y),
         "alp": lambda: F.cross_entropy(logits_adv, y) + 2.0 * tp.alp_loss(logits_adv, logits_clean),
         "trades": lambda: F.cross_entropy(logits_clean, y) + 6.0 * tp.trades_kl(logits_adv, logits_clean),
         "mart": lambda: tp.mart_loss(logits_adv, logits_clean, y, 6.0),
         "mail": lambda: tp.mail_loss(logits_adv, y, -1.5, 1.0),
     }[loss]()
-    assert torch.allclose(value, expected)
-    assert value.requires_grad
-    model.eval()
+    assert torch.allclose(value, expected) and value.requires_grad and model.training
     if loss == "mail":  # during the burn-in, plain adversarial CE
-        value, logits_adv, _ = tp.training_loss(utils.Network(model, model, model), x, y, args, epoch=4)
+        value, _ = tp.baseline_loss(model, model, x, y, logits_adv, args, epoch=4)
         assert torch.allclose(value, F.cross_entropy(logits_adv, y))
-        model.eval()
+    model.eval()
+
+
+@pytest.mark.parametrize("loss", ["ce", "nmse"])
+def test_pgd_at_and_nmse_train_on_pgd_from_a_uniform_start_with_batchnorm_frozen(monkeypatch, tmp_path, loss):
+    """The paper's own losses in train(): the training attack is PGD on CE from a uniform start with the model in
+    eval mode (global generator); the evaluation's attacks draw from their own generator; the loss is
+    CE(f(x'), y) + lam * NMSE(f(x'), f(x), y) (nmse) or CE(f(x'), y) (ce)."""
+    nmse_calls, real_nmse = [], tp.nmse_loss
+    monkeypatch.setattr(tp, "nmse_loss", lambda *a: nmse_calls.append(a) or real_nmse(*a))
+    calls = attack_spy(monkeypatch)
+    tp.main(["--dataset", "synthetic", "--arch", "small-cnn", "--train-size", "64", "--eval-size", "16",
+             "--batch-size", "32", "--pgd-steps", "2", "--eval-pgd-steps", "2", "--epochs", "1", "--loss", loss,
+             "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    assert calls == [("ce", "uniform", False, False)] * 2 + [("ce", "uniform", False, True)]
+    assert len(nmse_calls) == (2 if loss == "nmse" else 0)
 
 
 def test_mail_burn_in_scales_with_epochs():
@@ -286,5 +328,9 @@ def test_arch_and_loss_defaults():
     assert defaults == ("resnet18", 120, 0.01, 3.5e-3, "nmse", 4.0)
     args = tp.parse_args(["--arch", "wrn-32-10", "--loss", "alp"])
     assert (args.epochs, args.lr, args.weight_decay, args.lam) == (180, 0.1, 7e-4, 0.5)
+    # RAT's second-order weight as its official scripts set it, in this project's terms (two KLs averaged)
+    assert tp.parse_args(["--loss", "rat"]).rat_second_weight == 0.08
+    assert tp.parse_args(["--loss", "rat", "--arch", "small-cnn"]).rat_second_weight == 0.08
+    assert args.rat_second_weight == 0.1
     assert args.piat and tp.parse_args(["--no-piat"]).piat is False
     assert math.isclose(tp.parse_args(["--lr", "0.2"]).lr, 0.2)

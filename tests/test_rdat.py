@@ -1,9 +1,10 @@
 """train_rdat.py: the EMA / mixing / beta / redistribution math against direct computations, and the
 script end to end on the synthetic set (outputs, the GLOBAL learner is what is logged and saved,
-redistribution, --lam 0, --piat, resume after SIGKILL, evaluate.py, torchrun, bad input)."""
+redistribution, --lam 0, --piat, resume after SIGKILL, evaluate.py, torchrun, bad flags)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,10 +16,9 @@ import torch.nn.functional as F
 
 import train_rdat as tr
 import utils
-from conftest import TINY, kill_after_first_checkpoint, run_script
+from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json", "tensorboard"]
-
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "tensorboard"]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -136,9 +136,9 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     not the robust or the natural learner's), and the loop feeds the EMAs and the mixing the decay ramp
     and the beta schedule."""
     evaluated, mixes, emas = [], [], []
-    real_eval, real_mix, real_ema = tr.evaluate, tr.mix_global_, tr.ema_update_
-    monkeypatch.setattr(tr, "evaluate", lambda model, *a, **k: evaluated.append((k["desc"], snapshot(model)))
-                        or real_eval(model, *a, **k))
+    real_eval, real_mix, real_ema = tr.evaluate_epoch, tr.mix_global_, tr.ema_update_
+    monkeypatch.setattr(tr, "evaluate_epoch", lambda model, *a: evaluated.append(
+        (a[5] if len(a) > 5 else "", snapshot(model))) or real_eval(model, *a))  # (model, split, ..., desc)
     monkeypatch.setattr(tr, "mix_global_",
                         lambda g, r, n, beta, d: mixes.append((beta, d)) or real_mix(g, r, n, beta, d))
     monkeypatch.setattr(tr, "ema_update_", lambda e, m, d: emas.append(d) or real_ema(e, m, d))
@@ -163,7 +163,7 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     assert final["script"] == "train_rdat.py" and final["epoch"] == 2 and "resume" not in best
     assert best["epoch"] == max(rows, key=lambda r: r["test_pgd20_acc"])["epoch"]
     # what was evaluated as "test" is the global learner: final.pt's model, unlike both base learners
-    assert [d for d, _ in evaluated] == ["test", "test (robust learner)"] * 2
+    assert [d for d, _ in evaluated] == ["", " (robust learner)"] * 2
     last = evaluated[-2][1]
     for k, v in final["model"].items():
         assert torch.equal(v, last[k]), k
@@ -175,12 +175,17 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     # the checkpoint alone rebuilds the global learner and reproduces the logged accuracy
     model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"], **final["model_kwargs"])
     model.load_state_dict(final["model"])
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     idx = utils.fixed_subset(len(data.x_test), 32)
     x, y = utils.to_float(data.x_test[idx]), data.y_test[idx]
     model.eval()
     with torch.no_grad():
-        assert (model(x).argmax(1) == y).float().mean().item() == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+        correct = model(x).argmax(1) == y
+    assert correct.float().mean().item() == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+    # that evaluation per image, with the images' indices in the test set
+    assert final["per_image"]["indices"] == idx.tolist() and final["per_image"]["clean"] == correct.tolist()
+    assert sum(final["per_image"]["pgd20"]) == round(32 * rows[-1]["test_pgd20_acc"])
+    assert final["weights"] == "global learner"
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -236,10 +241,10 @@ def test_piat_interpolates_the_robust_learner(tmp_path, monkeypatch):
     seen = []
     real = tr.interpolate_
 
-    def spy(model, prev_state, alpha):
+    def spy(model, theta_prev, alpha):
         before = snapshot(model)
-        real(model, prev_state, alpha)
-        seen.append((before, {k: v.clone() for k, v in prev_state.items()}, snapshot(model), alpha))
+        real(model, theta_prev, alpha)
+        seen.append((before, {k: v.clone() for k, v in theta_prev.items()}, snapshot(model), alpha))
 
     monkeypatch.setattr(tr, "interpolate_", spy)
     out = run(tmp_path, "--epochs", "2", "--piat", "--redistribute-mode", "off")
@@ -269,15 +274,20 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     assert stopped_after < 4, "the run finished before it could be killed; make RESUME_RUN longer"
     result = run_script(tr.__file__, "--resume", killed)
     assert result.returncode == 0, result.stderr
-    assert f"resuming {killed} after epoch {stopped_after}" in result.stdout
+    # it went on after the saved epoch: nothing before it trained again
+    epochs_run = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs_run == list(range(stopped_after + 1, 5)), result.stdout
     a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
     assert b["epoch"] == 4 and a["resume"]["ema_steps"] == b["resume"]["ema_steps"] == dict.fromkeys(
         ("robust", "natural", "global"), 32)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    for part in ("robust", "natural", "ema_robust", "ema_natural", "prev_state"):
+    for part in ("robust", "natural", "ema_robust", "ema_natural", "theta_prev"):
         for k, v in a["resume"][part].items():
             assert torch.equal(v, b["resume"][part][k]), (part, k)
+    for part in ("robust_optimizer", "natural_optimizer"):  # the momentum buffers too
+        for index, buffers in a["resume"][part]["state"].items():
+            assert torch.equal(buffers["momentum_buffer"], b["resume"][part]["state"][index]["momentum_buffer"])
     rows_a, rows_b = utils.read_metrics(whole / "metrics.csv"), utils.read_metrics(killed / "metrics.csv")
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4] and [r["redistributed"] for r in rows_a] == [0, 0, 1, 1]
     for ra, rb in zip(rows_a, rows_b):
@@ -311,7 +321,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_global_learners(tmp_path
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("global learner identical on all 2 ranks") == 1
+    assert result.stdout.count("global_learner, robust_learner, natural_learner: identical on all 2 ranks") == 1
     assert {p.name for p in out.iterdir()} == set(OUTPUTS)
     rows = utils.read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2] and [r["redistributed"] for r in rows] == [1, 1]
@@ -324,21 +334,26 @@ def test_torchrun_two_gloo_processes_end_with_identical_global_learners(tmp_path
 
 def test_bad_flag_gets_one_line_and_writes_nothing(tmp_path):
     result = run_script(tr.__file__, *TINY, "--out-dir", tmp_path / "out", "--beta-final", "1.5")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2
-    assert lines == ["train_rdat.py: error: argument --beta-final: must lie in [0, 1], got 1.5"]
+    assert one_line_error(result) == ("train_rdat.py: error: argument --beta-final: must be a finite number in "
+                                      "[0, 1], got 1.5")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--lam", "-1"], "--lam: must be >= 0"),
-    (["--redistribute-every", "0"], "--redistribute-every: must be > 0"),
+    (["--lam", "-1"], "argument --lam: must be a finite number in [0, inf], got -1"),
+    (["--ema-decay", "nan"], "argument --ema-decay: must be a finite number in [0, 1], got nan"),
+    (["--redistribute-every", "0"], "argument --redistribute-every: must be a finite number in (0, inf), got 0"),
     (["--redistribute-mode", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--alpha-fixed", "0.5"], "--alpha-fixed needs --piat"),
+    (["--redistribute-mode", "off", "--redistribute-from", "3"],
+     "--redistribute-from needs --redistribute-mode every-batch or once"),
 ])
 def test_bad_flags(flags, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         tr.parse_args([*TINY, *flags])
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and ": error: " in err and message in err, err
 
 
 def test_resume_refuses_a_train_piat_run(tmp_path):
@@ -346,5 +361,7 @@ def test_resume_refuses_a_train_piat_run(tmp_path):
 
     out = tmp_path / "piat"
     tp.main([*TINY, "--epochs", "1", "--out-dir", str(out)])
-    with pytest.raises(utils.UserError, match="written by train_piat.py, not train_rdat.py"):
+    with pytest.raises(utils.UserError, match=re.escape(f"--resume {out}: a run of train_piat.py, not train_rdat.py")):
         tr.main(["--resume", str(out)])
+    assert one_line_error(run_script(tr.__file__, "--resume", out)) == \
+        f"train_rdat.py: error: --resume {out}: a run of train_piat.py, not train_rdat.py"

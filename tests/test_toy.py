@@ -1,5 +1,6 @@
-"""toy_example.py: its data generator, its inline math against train_piat.py's, and a short run."""
+"""toy_example.py: its data generator, its building blocks against train_piat.py's, and a short run."""
 
+import inspect
 import json
 import math
 
@@ -45,7 +46,7 @@ def test_the_same_seed_gives_the_same_data():
     assert len(a["train"][0]) == 50 and len(a["test"][0]) == 30
 
 
-# ----------------------------------------------------- the inline math agrees with train_piat.py
+# ------------------------------------------ the building blocks are train_piat.py's, the attack agrees with its
 
 
 @pytest.fixture(scope="module")
@@ -54,52 +55,37 @@ def mlp():
     return te.make_mlp(16)
 
 
-@pytest.mark.parametrize("random_start", [False, True])
-def test_pgd_agrees_with_train_piat_in_the_box(mlp, random_start):
-    torch.manual_seed(1)
-    x = torch.rand(64, 3)
-    x[:8] = 0.0  # on the box's edges, where the clamp acts
-    x[8:16] = 1.0
-    y = torch.randint(0, 2, (64,))
-    torch.manual_seed(2)
-    ours = te.pgd(mlp, x, y, 0.1, 0.03, 7, random_start=random_start, box=(0, 1))
-    torch.manual_seed(2)
-    theirs = tp.pgd_attack(mlp, x, y, 0.1, 0.03, 7, loss="ce", random_start=random_start)
-    assert torch.equal(ours, theirs)
+@pytest.mark.parametrize("name", ["nmse_loss", "alp_loss", "piat_alpha", "interpolate_", "clone_state", "piat_step_"])
+def test_the_building_blocks_are_train_piats_own_code(name):
+    assert inspect.getsource(getattr(te, name)) == inspect.getsource(getattr(tp, name))
 
 
 @pytest.mark.parametrize("random_start", [False, True])
-def test_boxless_pgd_agrees_where_the_box_is_inactive(mlp, random_start):
+def test_unboxed_pgd_agrees_with_train_piat_where_the_box_is_inactive(mlp, random_start):
     torch.manual_seed(3)
     eps = 0.1
     x = eps + (1 - 2 * eps) * torch.rand(64, 3)  # x' stays in [x - eps, x + eps], inside (0, 1)
     y = torch.randint(0, 2, (64,))
     torch.manual_seed(4)
-    ours = te.pgd(mlp, x, y, eps, 0.025, 10, random_start=random_start)
+    ours = te.pgd_unboxed(mlp, x, y, eps, 0.025, 10, random_start=random_start)
     torch.manual_seed(4)
-    theirs = tp.pgd_attack(mlp, x, y, eps, 0.025, 10, random_start=random_start)
+    theirs = tp.pgd_attack(mlp, x, y, eps, 0.025, 10, random_start="uniform" if random_start else None)
     assert torch.equal(ours, theirs)
     assert (ours - x).abs().max() <= eps + 1e-6 and (ours - x).abs().max() > 0.5 * eps
 
 
-def test_boxless_pgd_leaves_the_unit_box():
+def test_unboxed_pgd_leaves_the_unit_box():
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]))
         model.bias.zero_()
     x, y = torch.tensor([[3.0, -2.0, 0.0]]), torch.tensor([0])
-    x_adv = te.pgd(model, x, y, 0.5, 0.2, 5, random_start=False)  # pushes x1 down by eps, no clamp to [0, 1]
+    x_adv = te.pgd_unboxed(model, x, y, 0.5, 0.2, 5, random_start=False)  # pushes x1 down by eps, no clamp to [0, 1]
     assert torch.allclose(x_adv, torch.tensor([[2.5, -2.0, 0.0]]))
-
-
-def test_losses_agree_with_train_piat():
-    torch.manual_seed(5)
-    adv, clean, y = torch.randn(32, 2), torch.randn(32, 2), torch.randint(0, 2, (32,))
-    assert torch.allclose(te.nmse(adv, clean, y), tp.nmse_loss(adv, clean, y), atol=1e-7)
-    assert torch.allclose(te.alp(adv, clean), tp.alp_loss(adv, clean), atol=1e-7)
-    adv, clean, y = torch.randn(16, 10), torch.randn(16, 10), torch.randint(0, 10, (16,))
-    assert torch.allclose(te.nmse(adv, clean, y), tp.nmse_loss(adv, clean, y), atol=1e-7)
-    assert torch.allclose(te.alp(adv, clean), tp.alp_loss(adv, clean), atol=1e-7)
+    on_the_edges = torch.tensor([[0.0, 1.0, 0.5]])  # where train_piat.py's clamp acts, the two attacks part
+    boxed = tp.pgd_attack(model, on_the_edges, y, 0.5, 0.2, 5, random_start=None)
+    assert boxed.min() >= 0 and torch.equal(boxed, on_the_edges)
+    assert te.pgd_unboxed(model, on_the_edges, y, 0.5, 0.2, 5, random_start=False)[0, 0] == pytest.approx(-0.5)
 
 
 def test_method_losses_are_the_formulas(mlp):
@@ -113,24 +99,17 @@ def test_method_losses_are_the_formulas(mlp):
     assert torch.allclose(te.method_loss("nmse", mlp, x, y, x_adv, 0.5, 4.0), ce + 4.0 * tp.nmse_loss(adv, clean, y))
 
 
-def test_alpha_schedule_agrees_with_train_piat():
-    for t in range(200):
-        assert te.alpha_at(t) == tp.piat_alpha(t)
-        assert te.alpha_at(t, 0.7, 2.0, 5.0) == tp.piat_alpha(t, 0.7, 2.0, 5.0)
-    assert te.alpha_at(0) == pytest.approx(0.1) and te.alpha_at(49) == pytest.approx(50 / 59)
-    assert te.alpha_at(7, fixed=0.3) == 0.3
-
-
-def test_interpolation_agrees_with_train_piat():
+def test_the_toys_alpha_schedule_and_fixed_alpha():
+    assert te.piat_alpha(0) == pytest.approx(0.1) and te.piat_alpha(49) == pytest.approx(50 / 59)
+    args = te.parse_args([])
+    assert (args.alpha_max, args.alpha_a, args.alpha_b) == (0.99, 1.0, 10.0)  # train_piat.py's defaults
     torch.manual_seed(7)
-    a, b, prev_model = te.make_mlp(8), te.make_mlp(8), te.make_mlp(8)
-    b.load_state_dict(a.state_dict())
-    prev = te.clone_state(prev_model)
-    te.interpolate(a, prev, 0.37)
-    tp.interpolate_(b, prev, 0.37)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k])
-        assert not torch.equal(v, prev[k])
+    model, prev_model = te.make_mlp(8), te.make_mlp(8)
+    prev, start = te.clone_state(prev_model), te.clone_state(model)
+    alpha, theta_prev = te.piat_step_(model, prev, 7, te.parse_args(["--alpha-fixed", "0.3"]))
+    assert alpha == 0.3
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, 0.3 * prev[k] + 0.7 * start[k], atol=1e-6) and torch.equal(theta_prev[k], v)
 
 
 # ------------------------------------------------------------------------------- the bookkeeping
@@ -141,7 +120,7 @@ def test_oscillation_and_largest_drop():
     assert te.oscillation(robust) == pytest.approx((0.2 + 0.1 + 0.05 + 0.35 + 0.1) / 5)
     assert te.largest_drop_epoch(robust) == 5  # epoch 4 -> 5 (1-based) fell by 0.35
     assert te.oscillation([0.3]) == 0.0 and te.oscillation([0.4, 0.4, 0.4]) == 0.0
-    stats = te.mean_std([0.1, 0.3])
+    stats = te.mean_and_std([0.1, 0.3])
     assert stats["mean"] == pytest.approx(0.2) and stats["std"] == pytest.approx(math.sqrt(0.02))
 
 
@@ -209,8 +188,10 @@ def test_a_short_run_writes_the_summary(tiny_run):
     assert "+-" in proc.stdout and "PIAT+NMSE" in proc.stdout
 
 
-@pytest.mark.parametrize("flags,message", [(["--epsilon", "-1"], "must be >= 0"),
-                                           (["--methods", "sgd"], "invalid choice"), (["--seeds", "0"], "must be > 0")])
+@pytest.mark.parametrize("flags,message", [(["--epsilon", "-1"], "must be a finite number in [0, inf]"),
+                                           (["--methods", "sgd"], "invalid choice"),
+                                           (["--seeds", "0"], "must be a finite number in (0, inf)"),
+                                           (["--train-size", "1"], "must be a finite number in [2, inf]")])
 def test_bad_flags_fail_in_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         te.main(flags)
@@ -225,3 +206,38 @@ def test_bad_input_stops_the_script_in_one_line_before_writing(tmp_path):
     assert proc.stderr.startswith("toy_example.py: error:") and "must differ" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags,message", [(["--epsilon", "1e9"], "--epsilon: 1e+09 is not below the outer radius 2"),
+                                           (["--epsilon", "2"], "--epsilon: 2 is not below the outer radius 2")])
+def test_an_epsilon_that_reaches_every_point_is_refused(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        te.main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_diverging_toy_exits_non_zero_and_writes_no_nan(tmp_path):
+    proc = run_script(ROOT / "toy_example.py", *TINY_TOY, "--lr", "1e38", "--out-dir", tmp_path / "toy", timeout=60)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("toy_example.py: diverged: the training loss is ")
+    assert not (tmp_path / "toy").exists()  # nothing written: no summary.json with a NaN in it
+
+
+def test_the_toy_writes_only_into_a_folder_it_made(tmp_path, tiny_run):
+    """A folder of the user's (or a training run's) is refused and left byte for byte; a file is refused; the
+    toy's own folder (its marker) is written again."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("my own summary\n")
+    (mine / "fig2_data.png").write_bytes(b"mine")
+    for out, message in ((mine, f"--out-dir {mine} is not empty; choose a new or empty folder, or move them away"),
+                         (mine / "summary.json", f"--out-dir {mine / 'summary.json'} is a file; choose a new or empty "
+                                                 "folder")):
+        proc = run_script(ROOT / "toy_example.py", *TINY_TOY, "--out-dir", out, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.strip() == f"toy_example.py: error: {message}", proc.stderr
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == {"summary.json": b"my own summary\n",
+                                                                 "fig2_data.png": b"mine"}
+    out, _ = tiny_run
+    assert (out / te.TOY_MARKER).is_file()
+    proc = run_script(ROOT / "toy_example.py", *TINY_TOY, "--out-dir", out, timeout=120)
+    assert proc.returncode == 0, proc.stderr

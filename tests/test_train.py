@@ -12,7 +12,7 @@ import utils
 from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json", "tensorboard"]
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "tensorboard"]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -40,18 +40,19 @@ def test_two_epochs_write_every_output_and_learn(tmp_path):
     assert final["epoch"] == 2 and final["args"]["arch"] == "small-cnn" and len(final["metrics"]) == 2
     best_epoch = max(rows, key=lambda r: r["test_pgd20_acc"])["epoch"]
     assert best["epoch"] == best_epoch and "resume" not in best
-    status = json.loads((out / "status.json").read_text())
-    assert (status["status"], status["epochs_saved"], status["exit_code"]) == ("finished", 2, 0)
     # the checkpoint alone rebuilds the model, and it reproduces the logged accuracy
     model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"])
     model.load_state_dict(final["model"])
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     idx = utils.fixed_subset(len(data.x_test), 256)
     x, y = utils.to_float(data.x_test[idx]), data.y_test[idx]
     model.eval()
     with torch.no_grad():
-        clean = (model(x).argmax(1) == y).float().mean().item()
-    assert clean == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+        correct = model(x).argmax(1) == y
+    assert correct.float().mean().item() == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+    # the checkpoint keeps that evaluation per image, with the indices of the images in the test set
+    assert final["per_image"]["indices"] == idx.tolist() and final["per_image"]["clean"] == correct.tolist()
+    assert sum(final["per_image"]["pgd20"]) == round(256 * rows[-1]["test_pgd20_acc"])
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -72,7 +73,7 @@ def test_piat_interpolates_with_the_previous_epochs_weights(tmp_path, monkeypatc
     seen = []
     real = tp.interpolate_
 
-    def spy(model, prev_state, alpha):
+    def spy(model, prev_state, alpha):  # theta_prev
         before = {k: v.clone() for k, v in model.state_dict().items()}
         real(model, prev_state, alpha)
         seen.append((before, {k: v.clone() for k, v in prev_state.items()},
@@ -109,7 +110,10 @@ def test_val_split_selects_best_on_held_out_images(tmp_path):
 def test_image_folder_dataset(tmp_path, monkeypatch):
     from PIL import Image
 
-    data = utils.make_synthetic(num_classes=3, train_size=60, test_size=30)
+    x_train, y_train, x_test, y_test = utils.synthetic_images()
+    keep_train, keep_test = (y_train < 3).nonzero()[:60, 0], (y_test < 3).nonzero()[:30, 0]
+    data = utils.ImageData(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test], 3,
+                           (0.5,) * 3, (0.25,) * 3, True)
     for split, xs, ys in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         for i, (x, y) in enumerate(zip(xs, ys)):
             folder = tmp_path / "images" / split / f"class_{int(y)}"
@@ -122,12 +126,14 @@ def test_image_folder_dataset(tmp_path, monkeypatch):
     tp.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--arch", "small-cnn", "--epochs", "1",
              "--pgd-steps", "1", "--eval-pgd-steps", "1", "--out-dir", str(out)])
     assert utils.load_checkpoint(out / "final.pt")["num_classes"] == 3
+    # --eval-size defaults to 1000 test images, or all of them when there are fewer (here 30)
+    assert utils.load_checkpoint(out / "final.pt")["args"]["eval_size"] == 30
     # --resume without --data-dir reads the images from where the run read them, not from ./data
     final = utils.load_checkpoint(out / "final.pt")
     final["args"]["epochs"] = 2
     torch.save(final, out / "final.pt")
     monkeypatch.chdir(tmp_path)
-    tp.main(["--resume", str(out)])
+    tp.main(["--resume", str(out / "final.pt")])  # a checkpoint file resumes its folder
     assert utils.load_checkpoint(out / "final.pt")["epoch"] == 2
 
 
@@ -145,7 +151,6 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     assert len(utils.read_metrics(killed / "metrics.csv")) <= stopped_after + 1
     result = run_script(tp.__file__, "--resume", killed)
     assert result.returncode == 0, result.stderr
-    assert f"resuming {killed} after epoch {stopped_after}" in result.stdout
     a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
     assert b["epoch"] == 4
     for k, v in a["model"].items():
@@ -162,16 +167,28 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
-    (["--epsilon", "-8"], "--epsilon: must be >= 0"),
-    (["--pgd-steps", "-1"], "--pgd-steps: must be >= 0"),
-    (["--batch-size", "0"], "--batch-size: must be > 0"),
+    (["--epsilon", "-8"], "--epsilon: must be a finite number in [0, 255], got -8"),
+    (["--pgd-steps", "-1"], "--pgd-steps: must be a finite number in [0, inf], got -1"),
+    (["--batch-size", "0"], "--batch-size: must be a finite number in (0, inf), got 0"),
     (["--arch", "vgg"], "invalid choice: 'vgg'"),
-    (["--alpha-fixed", "1.5"], "--alpha-fixed: must lie in [0, 1], got 1.5"),
+    (["--alpha-fixed", "1.5"], "--alpha-fixed: must be a finite number in [0, 1], got 1.5"),
+    (["--ema", "1"], "--ema: must be a finite number in (0, 1), got 1"),
+    (["--ema", "0"], "--ema: must be a finite number in (0, 1), got 0"),
+    (["--no-piat", "--piat-every", "2"], "--piat-every needs --piat"),
+    (["--no-piat", "--alpha-fixed", "0.9"], "--alpha-fixed needs --piat"),
+    (["--train-size", "10000000"], "--train-size 10000000, but the data set has only 4000 images for it"),
+    (["--eval-size", "5000"], "--eval-size 5000, but the data set has only 1000 images for it"),
+    (["--val-size", "4000"], "--val-size 4000, but the data set has only 3999 images for it"),
 ])
 def test_bad_flags_get_one_line(tmp_path, flags, message):
     result = run_script(tp.__file__, *TINY, "--out-dir", tmp_path / "out", *flags)
     assert message in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_lr_zero_trains_but_warns(tmp_path):
+    result = run_script(tp.__file__, *TINY, "--epochs", "1", "--lr", "0", "--out-dir", tmp_path / "out")
+    assert result.returncode == 0 and "train_piat.py: warning: --lr 0 trains nothing" in result.stderr
 
 
 def test_missing_data_without_network(tmp_path):
@@ -182,19 +199,28 @@ def test_missing_data_without_network(tmp_path):
                         "--out-dir", tmp_path / "out", env=proxy)
     line = one_line_error(result)
     assert "cifar10 is not in" in line and str(tmp_path / "data") in line and "cifar-10-python.tar.gz" in line
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # no empty folders left behind
 
 
 def test_image_folder_without_splits(tmp_path):
     (tmp_path / "images" / "train" / "a").mkdir(parents=True)
     result = run_script(tp.__file__, "--dataset", "imagefolder", "--data-dir", tmp_path / "images")
-    assert "test" in one_line_error(result) and "not found" in result.stderr
+    assert f"{tmp_path / 'images'}/test/<class>/" in one_line_error(result)
 
 
-def test_resume_without_checkpoint(tmp_path):
+def test_resume_without_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_script(tp.__file__, "--resume", tmp_path / "empty")
-    assert "no checkpoint at" in one_line_error(result)
+    assert f"--resume {tmp_path / 'empty'}: no run there" in one_line_error(result)
+
+
+def test_resume_of_a_run_that_saved_no_epoch_starts_it_over(tmp_path):
+    out = tmp_path / "run"
+    args = tp.parse_args([*TINY, "--epochs", "1", "--out-dir", str(out)])
+    utils.make_run_dir(args, "train_piat.py")  # what a run killed in its first epoch leaves: its args.json alone
+    result = run_script(tp.__file__, "--resume", out)
+    assert result.returncode == 0 and "saved no epoch yet: starting it over" in result.stdout, result.stderr
+    assert utils.load_checkpoint(out / "final.pt")["epoch"] == 1
 
 
 def test_truncated_and_foreign_checkpoints(tmp_path):
@@ -204,23 +230,26 @@ def test_truncated_and_foreign_checkpoints(tmp_path):
     assert "not a readable checkpoint" in one_line_error(run_script(tp.__file__, "--resume", out))
     torch.save(utils.build_model("small-cnn", 10).state_dict(), out / "final.pt")  # a bare state_dict
     assert "not a checkpoint of this project" in one_line_error(run_script(tp.__file__, "--resume", out))
-    # a checkpoint of another architecture under the same name
-    other = utils.load_checkpoint(tmp_path / "run" / "best.pt")
-    other["resume"] = {}
-    other["model"] = utils.build_model("resnet18", 10).state_dict()
-    torch.save(other, out / "final.pt")
-    assert "does not fit a small-cnn" in one_line_error(run_script(tp.__file__, "--resume", out))
-    other["script"] = "train_rdat.py"  # another script's run: resumed by that script only
-    torch.save(other, out / "final.pt")
-    assert "written by train_rdat.py, not train_piat.py" in one_line_error(run_script(tp.__file__, "--resume", out))
+    args = json.loads((out / "args.json").read_text())  # another script's run: resumed by that script only
+    (out / "args.json").write_text(json.dumps({**args, "script": "train_rdat.py"}))
+    assert "a run of train_rdat.py, not train_piat.py" in one_line_error(run_script(tp.__file__, "--resume", out))
 
 
-def test_an_existing_run_is_never_overwritten(tmp_path):
+def test_an_existing_run_or_a_users_folder_is_never_overwritten(tmp_path):
     out = run(tmp_path, "--epochs", "1")
-    before = (out / "final.pt").read_bytes()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     result = run_script(tp.__file__, *TINY, "--epochs", "1", "--out-dir", out)
-    assert "already holds a run" in one_line_error(result)
-    assert (out / "final.pt").read_bytes() == before
+    assert f"--out-dir {out} is not empty; choose a new or empty folder, or continue its run with --resume" in \
+        one_line_error(result)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    mine = tmp_path / "mine"  # a folder of the user's own files, named like a run's
+    mine.mkdir()
+    for name in ("metrics.csv", "best.pt", "final.pt"):
+        (mine / name).write_text(f"my own {name}\n")
+    result = run_script(tp.__file__, *TINY, "--epochs", "1", "--out-dir", mine)
+    assert f"--out-dir {mine} is not empty" in one_line_error(result)
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {n: f"my own {n}\n" for n in
+                                                               ("metrics.csv", "best.pt", "final.pt")}
 
 
 def test_atomic_checkpoint_survives_a_failed_write(tmp_path):
@@ -243,8 +272,10 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path):
 def test_script_runs_when_copied_alone_into_an_empty_folder(tmp_path, root):
     for name in ("train_piat.py", "utils.py"):
         shutil.copy(root / name, tmp_path / name)
-    result = run_script(tmp_path / "train_piat.py", *TINY, "--epochs", "1", cwd=tmp_path)
+    result = run_script(tmp_path / "train_piat.py", *TINY, "--epochs", "1", cwd=tmp_path, env={"TQDM_DISABLE": "0"})
     assert result.returncode == 0, result.stderr
+    assert " 1 epoch on 1 x cpu" in result.stdout.splitlines()[0]
+    assert "epoch 1/1:" in result.stderr and "test pgd20:" in result.stderr  # progress, in a log too
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("synthetic__train_piat__0__")
     assert set(OUTPUTS) <= {p.name for p in run_dir.iterdir()}

@@ -4,6 +4,7 @@ bf16 autocast, torchrun, and the message when the weights cannot be downloaded."
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,7 @@ TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 TINY_VIT = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_KWARGS),
             "--no-pretrained", "--train-size", "64", "--eval-size", "32", "--batch-size", "32", "--pgd-steps", "2",
             "--eval-pgd-steps", "2", "--device", "cpu"]
-OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "status.json", "tensorboard"]
-
+OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "tensorboard"]
 
 
 def tiny_vit(seed=0):
@@ -100,21 +100,48 @@ def test_ard_drops_each_block_independently_with_probability_p(monkeypatch):
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-7)
 
 
-def test_training_step_after_the_attack_has_complete_gradients(monkeypatch):
-    model = tiny_vit()
-    x, y = batch(16)
-    seen = []
-    real = tv.attention_gradient_drop
-    monkeypatch.setattr(tv, "attention_gradient_drop", lambda m, p: (seen.append(p), real(m, p))[1])
+def test_each_loss_attacks_with_its_papers_objective_and_ard_runs_eagerly(monkeypatch):
+    """ap_attack: CE from a uniform start (ce, nmse), TRADES's KL and MART's CE from 0.001 N(0, 1); while ARD's hooks
+    are on, through model.forward (the eager forward: a compiled model's call would not be the hooked modules')."""
+    model = tiny_vit().eval()
+    x, y = batch()
+    calls = []
+    real = tv.pgd_attack
+    monkeypatch.setattr(tv, "pgd_attack", lambda victim, *a, **k: (calls.append((victim, k)), real(victim, *a, **k))[1])
+    expected = {"ce": ("ce", "uniform"), "nmse": ("ce", "uniform"), "trades": ("kl", "normal"),
+                "mart": ("ce", "normal")}
+    for loss, (objective, start) in expected.items():
+        calls.clear()
+        x_adv = tv.ap_attack(model, x, y, step_args(loss=loss, pgd_steps=2), progress=1.0)
+        ((victim, kwargs),) = calls
+        assert (kwargs["loss"], kwargs["random_start"]) == (objective, start), loss
+        assert victim == model.forward and hook_count(model) == 0  # ARD's hooks: on during the attack, then gone
+        assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    calls.clear()
+    tv.ap_attack(model, x, y, step_args(), progress=4.0)  # after the warm-up: no hooks, the model's own call
+    assert calls[0][0] is model and calls[0][1]["delta_mask"] is None
+
+
+def test_training_step_after_the_attack_has_complete_gradients(tmp_path, monkeypatch):
+    """One real training step per loss, ARD at p = 0.99 in its attack: when the loss is backpropagated the hooks are
+    gone and every parameter, the attention branches' included, has a gradient."""
+    seen, models, complete = [], [], []
+    real_drop, real_clip = tv.attention_gradient_drop, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(tv, "attention_gradient_drop", lambda m, p: (seen.append(p), models.append(m),
+                                                                     real_drop(m, p))[2])
+
+    def clip(parameters, max_norm):  # called between loss.backward() and optimizer.step()
+        parameters, model = list(parameters), models[-1]
+        complete.append(model.training and hook_count(model) == 0 and len(parameters) == len(list(model.parameters()))
+                        and all(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters))
+        return real_clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     for loss in tv.LOSSES:
-        args = step_args(loss=loss)
-        model.zero_grad(set_to_none=True)
-        out, logits_adv, logits_clean = tv.training_loss(utils.Network(model, model, model), x, y, args, progress=0.5)
-        assert hook_count(model) == 0 and model.training
-        out.backward()
-        for name, p in model.named_parameters():
-            assert p.grad is not None and p.grad.abs().sum() > 0, (loss, name)
-    assert seen == [pytest.approx(1 - 0.5 / 4)] * len(tv.LOSSES)  # p(t) = 1 - t/warmup
+        tv.main([*TINY_VIT, "--epochs", "1", "--train-size", "32", "--eval-size", "8", "--ard", "--ap-warmup-epochs",
+                 "100", "--loss", loss, "--out-dir", str(tmp_path / loss)])
+    assert complete == [True] * len(tv.LOSSES)
+    assert seen == [pytest.approx(1 - 1 / 100)] * len(tv.LOSSES)  # p(t) = 1 - t/warmup at the step's end, t = 1
     assert tv.ap_strength(4.0, 4) == 0 == tv.ap_strength(7.5, 4) and tv.ap_strength(1, 4) == 0.75
 
 
@@ -141,12 +168,11 @@ def test_prm_masks_delta_before_every_forward_and_keeps_it_in_the_ball(monkeypat
     real_mask = tv.patch_mask
     monkeypatch.setattr(tv, "patch_mask", lambda *a: (masks.append(real_mask(*a)), masks[-1])[1])
     args = step_args(loss="ce", pgd_steps=4, ard=False)
-    tv.training_loss(utils.Network(model, model, model), x, y, args, progress=1.0)  # fraction 1 - 1/4
-    assert len(inputs) == 6  # 4 attack steps, the clean forward, the training forward of x'
-    x_adv = inputs[-1]
+    x_adv = tv.ap_attack(model, x, y, args, progress=1.0)  # fraction 1 - 1/4
+    assert len(inputs) == 4  # one forward per attack step
     assert len(masks) == 4 and len({tuple(m.flatten().tolist()) for m in masks}) == 4  # redrawn every step
     eps = 8 / 255
-    for k, (inp, mask) in enumerate(zip(inputs[:4], masks)):
+    for k, (inp, mask) in enumerate(zip(inputs, masks)):
         delta = inp - x
         zero = (mask == 0).expand_as(delta)
         assert int((mask.view(8, 4, 8, 4)[:, 0, :, 0] == 0).sum()) == 48
@@ -156,9 +182,10 @@ def test_prm_masks_delta_before_every_forward_and_keeps_it_in_the_ball(monkeypat
         assert delta.abs().max() <= eps + 1e-6 and inp.min() >= 0 and inp.max() <= 1
     # the returned x' (its last update, not masked again, as Mo et al.) stays in the ball and in [0, 1]
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert ((x_adv - x) != 0).any() and not torch.equal(x_adv, inputs[-1])
     # after the warm-up there is no mask
     masks.clear()
-    tv.training_loss(utils.Network(model, model, model), x, y, args, progress=4.0)
+    tv.ap_attack(model, x, y, args, progress=4.0)
     assert masks == []
 
 
@@ -193,11 +220,22 @@ def test_lr_schedule_and_defaults():
     assert (args.epochs, args.lr, args.weight_decay, args.momentum, args.grad_clip, args.batch_size) == (
         40, 0.1, 1e-4, 0.9, 1.0, 64)
     assert args.lr_milestones == [36, 38] and args.ap_warmup_epochs == 10 and args.model == "vit_base_patch16_224"
+    assert (args.loss, args.lam, args.piat, args.ard, args.prm) == ("ce", 0.0, True, False, False)
+    assert tv.parse_args(["--loss", "nmse"]).lam == 4.0
     assert tv.parse_args(["--epochs", "20"]).lr_milestones == [18.5, 19.5]
-    lrs = [tv.lr_at(t, 0.1, [36, 38]) for t in (0, 34.99, 35, 36.99, 37, 39.9)]
+    assert tv.parse_args(["--epochs", "20"]).ap_warmup_epochs == 5
+    lrs = [tv.step_lr_at(t, 0.1, [36, 38]) for t in (0, 34.99, 35, 36.99, 37, 39.9)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])  # epochs 1-35, 36-37, 38-40
     assert tv.parse_args([]).pretrained_weights == "vit_base_patch16_224.orig_in21k_ft_in1k"  # Mo et al.'s ViT-B
     assert tv.parse_args(["--model", "convit_base"]).pretrained_weights == "convit_base.fb_in1k"
+    assert tv.parse_args(["--model", "deit_small_patch16_224.fb_in22k_ft_in1k"]).pretrained_weights == \
+        "deit_small_patch16_224.fb_in22k_ft_in1k"  # NAME.TAG picks other weights
+    assert tv.parse_args(["--no-pretrained"]).pretrained_weights is None
+    assert tv.parse_args(["--pretrained-file", "w.pth"]).pretrained_weights == "w.pth"
+    # the Table IV row label evaluate.py shows
+    assert tv.parse_args(["--model", "deit_small_patch16_224", "--loss", "trades", "--ard", "--prm"]).method == \
+        "deit_small_patch16_224: PIAT + TRADES + A&P"
+    assert tv.parse_args(["--no-piat", "--prm"]).method == "vit_base_patch16_224: PGD-AT + PRM"
 
 
 # ------------------------------------------------------------------------------------------ 32x32 adaptation
@@ -259,6 +297,21 @@ def test_adapt_pretrained_state_of_a_224_model(tmp_path, name, kwargs, prefix, s
         assert target(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_a_run_starts_from_the_adapted_pretrained_file(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KWARGS).state_dict()
+    torch.save(source, tmp_path / "weights.pth")
+    flags = [arg for arg in TINY_VIT if arg != "--no-pretrained"]
+    args = tv.parse_args([*flags, "--pretrained-file", str(tmp_path / "weights.pth"), "--img-size", "32"])
+    data = utils.load_dataset("synthetic", None)
+    model, model_kwargs = tv.build_vit(args, data, pretrained=True)
+    assert model_kwargs == {"img_size": 32, "patch_size": 4, **TINY_KWARGS}
+    adapted = tv.adapt_pretrained_state(source, model.net)
+    assert all(torch.equal(v, adapted[k]) for k, v in model.net.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -267,31 +320,34 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     tv.main([*TINY_VIT, "--epochs", "1", "--ard", "--prm", "--piat", "--out-dir", str(out)])
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     (row,) = utils.read_metrics(out / "metrics.csv")
-    # train_piat.py's columns, without those of its worst class and weight averages
-    assert list(row) == tv.METRIC_FIELDS == tp.METRIC_FIELDS[: len(tv.METRIC_FIELDS)]
+    # train_piat.py's columns, without those of its weight averages
+    assert list(row) == tv.METRIC_FIELDS == [c for c in tp.METRIC_FIELDS if not c.startswith("raw_") and
+                                             c != "fawa_updated"]
     assert row["alpha"] == pytest.approx(0.1) and 0 <= row["test_pgd20_acc"] <= row["test_clean_acc"] <= 1
     args = json.loads((out / "args.json").read_text())
     assert args["ard"] and args["prm"] and args["piat"] and args["model_kwargs"] == TINY_KWARGS
     assert args["amp"] is utils.bf16_pays(torch.device("cpu"))  # the default, resolved before args.json
+    assert args["method"] == "vit_tiny_patch16_224: PIAT + PGD-AT + A&P" and args["pretrained_weights"] is None
     final = utils.load_checkpoint(out / "final.pt")
     assert final["script"] == "train_vit.py" and final["arch"] == "vit_tiny_patch16_224" and "resume" in final
     assert final["model_kwargs"] == {"img_size": 32, "patch_size": 4, **TINY_KWARGS}
     model = utils.build_model(final["arch"], final["num_classes"], final["mean"], final["std"], **final["model_kwargs"])
     model.load_state_dict(final["model"])
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     idx = utils.fixed_subset(len(data.x_test), 32)
     with torch.no_grad():
-        clean = (model.eval()(utils.to_float(data.x_test[idx])).argmax(1) == data.y_test[idx]).float().mean().item()
-    assert clean == pytest.approx(row["test_clean_acc"], abs=1e-6)
+        correct = model.eval()(utils.to_float(data.x_test[idx])).argmax(1) == data.y_test[idx]
+    assert correct.float().mean().item() == pytest.approx(row["test_clean_acc"], abs=1e-6)
+    assert final["per_image"]["indices"] == idx.tolist() and final["per_image"]["clean"] == correct.tolist()
+    assert sum(final["per_image"]["pgd20"]) == round(32 * row["test_pgd20_acc"])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if not (root / "evaluate.py").exists():
-        pytest.skip("evaluate.py is not there yet")
     result = run_script(root / "evaluate.py", out, "--attacks", "clean,pgd20", "--n-examples", "16", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "eval.json").read_text())["results"]
     got = {(r["role"], r["attack"]): r["accuracy"] for r in results}
     assert set(got) == {(role, attack) for role in ("best", "final") for attack in ("clean", "pgd20")}
     assert all(0 <= got[(role, "pgd20")] <= got[(role, "clean")] <= 1 for role in ("best", "final"))
+    assert {r["method"] for r in results} == {args["method"]}  # the Table IV row label
 
 
 def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch):
@@ -302,12 +358,14 @@ def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch
     class Crash(Exception):
         pass
 
-    def crash(*args, **kwargs):
+    real = utils.save_epoch
+
+    def save_then_crash(*args, **kwargs):  # the process dies right after epoch 1's checkpoint and log row
+        real(*args, **kwargs)
         raise Crash
 
     killed = tmp_path / "killed"
-    monkeypatch.setattr(utils, "CURVES_EVERY_S", 0)  # curves.png after every epoch, so that
-    monkeypatch.setattr(utils, "plot_curves", crash)  # it dies after epoch 1's checkpoint and log row
+    monkeypatch.setattr(utils, "save_epoch", save_then_crash)
     with pytest.raises(Crash):
         tv.main([*flags, "--out-dir", str(killed)])
     monkeypatch.undo()
@@ -323,19 +381,28 @@ def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch
 
 
 def test_amp_runs_the_attack_and_training_in_bf16_and_the_losses_in_fp32(tmp_path, monkeypatch):
-    seen = []
-    real = tv.training_loss
+    attack, losses, checked = [], [], []
+    real_attack, real_nmse, real_check = tv.ap_attack, tv.nmse_loss, utils.check_finite
 
-    def spy(*args, **kwargs):
-        seen.append(torch.is_autocast_enabled("cpu"))
-        loss, logits_adv, logits_clean = real(*args, **kwargs)
-        assert loss.dtype == logits_adv.dtype == torch.float32
-        return loss, logits_adv, logits_clean
+    def spy_attack(*args, **kwargs):
+        attack.append(torch.is_autocast_enabled("cpu"))
+        return real_attack(*args, **kwargs)
 
-    monkeypatch.setattr(tv, "training_loss", spy)
+    def spy_nmse(logits_adv, logits_clean, y):
+        losses.append((torch.is_autocast_enabled("cpu"), logits_adv.dtype, logits_clean.dtype))
+        return real_nmse(logits_adv, logits_clean, y)
+
+    def spy_check(epoch, step, **values):
+        checked.append(values["training_loss"].dtype)
+        return real_check(epoch, step, **values)
+
+    monkeypatch.setattr(tv, "ap_attack", spy_attack)
+    monkeypatch.setattr(tv, "nmse_loss", spy_nmse)
+    monkeypatch.setattr(utils, "check_finite", spy_check)
     out = tmp_path / "run"
     tv.main([*TINY_VIT, "--epochs", "1", "--amp", "--ard", "--prm", "--loss", "nmse", "--out-dir", str(out)])
-    assert seen and set(seen) == {True}
+    assert attack == [True, True]  # two steps, each attacked under autocast
+    assert losses == [(True, torch.float32, torch.float32)] * 2 and checked == [torch.float32] * 2
     row = utils.read_metrics(out / "metrics.csv")[0]
     assert 0 < row["train_loss"] < 20 and utils.load_checkpoint(out / "final.pt")["args"]["amp"] is True
 
@@ -347,7 +414,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("weights identical on all 2 ranks") == 1
+    assert result.stdout.count("weights: identical on all 2 ranks") == 1
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     (row,) = utils.read_metrics(out / "metrics.csv")
     assert abs(row["test_clean_acc"] * 33 - round(row["test_clean_acc"] * 33)) < 1e-3  # counts summed over ranks
@@ -362,22 +429,32 @@ def test_no_network_gives_one_line_naming_the_way_out(tmp_path):
                "http_proxy": proxy, "HTTP_PROXY": proxy}
     result = run_script(tv.__file__, "--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs",
                         json.dumps(TINY_KWARGS), "--out-dir", tmp_path / "out", env=offline)
-    line = one_line_error(result)
+    line = one_line_error(result, "train_vit.py")
     assert "vit_tiny_patch16_224" in line and "could not be downloaded" in line
-    assert "--pretrained-file PATH" in line and "--no-pretrained" in line
+    assert "--pretrained-file PATH" in line and "--no-pretrained" in line and result.returncode == 1
     assert not (tmp_path / "out").exists()  # nothing written, nothing trained from scratch
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--model", "no_such_vit"], "timm has no model 'no_such_vit'"),
-    (["--patch-size", "5"], "--patch-size 5 does not divide --img-size 32"),
-    (["--model-kwargs", "{depth: 2}"], "--model-kwargs is not JSON"),
-    (["--pretrained-file", "missing.pth", "--pretrained"], "--pretrained-file missing.pth: no such file"),
+@pytest.mark.parametrize("flags,status,message", [
+    (["--model", "no_such_vit"], 2, "--model no_such_vit: timm has no model 'no_such_vit'"),
+    (["--model-kwargs", "{depth: 2}"], 2, "--model-kwargs is not JSON"),
+    (["--model-kwargs", '{"patch_size": 2}'], 2, "--model-kwargs must be a JSON object without img_size"),
+    (["--pretrained-file", "w.pth"], 2, "--pretrained-file and --no-pretrained contradict each other"),
+    (["--no-piat", "--alpha-fixed", "0.9"], 2, "--alpha-fixed needs --piat"),
+    (["--patch-size", "5"], 1, "--patch-size 5 does not divide --img-size 32"),
+    (["--img-size", "64"], 1, "--img-size 64 but the synthetic images are 32x32"),
+    (["--pretrained-file", "missing.pth", "--pretrained"], 1, "--pretrained-file missing.pth: no such file"),
 ])
-def test_bad_flags_stop_before_any_work(tmp_path, flags, message):
+def test_bad_flags_stop_before_any_work(tmp_path, capsys, flags, status, message):
     argv = [*TINY_VIT, "--out-dir", str(tmp_path / "out"), *flags]
-    with pytest.raises(utils.UserError, match=message.replace("(", r"\(")):
-        tv.main(argv)
+    if status == 2:  # refused by parse_args: one line, exit status 2
+        with pytest.raises(SystemExit) as stopped:
+            tv.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    else:  # refused once the data is there, before the run folder: a UserError (one line, exit status 1)
+        with pytest.raises(utils.UserError, match=re.escape(message)):
+            tv.main(argv)
     assert not (tmp_path / "out").exists()
 
 
