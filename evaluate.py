@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -791,17 +792,18 @@ def compare_flags(reference, other, resamples=10_000, seed=0):
     a, b = np.asarray(reference, dtype=float), np.asarray(other, dtype=float)
     d = b.mean(0) - a.mean(0)
     rng = np.random.default_rng(seed)
-    boots = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(resamples)])
+    boots = np.concatenate([d[rng.integers(0, len(d), (min(1000, resamples - i), len(d)))].mean(1)
+                            for i in range(0, resamples, 1000)])  # in chunks of 1000 resamples
     pairs = min(len(a), len(b))
     only_a, only_b = int((a[:pairs] > b[:pairs]).sum()), int((b[:pairs] > a[:pairs]).sum())
     p = scipy.stats.binomtest(only_b, only_a + only_b).pvalue if only_a + only_b else 1.0
     t_low = t_high = None
     per_seed_a, per_seed_b = a.mean(1), b.mean(1)
     if len(a) > 1 and len(b) > 1:
-        if len(a) == len(b):
-            t = scipy.stats.ttest_rel(per_seed_b, per_seed_a).confidence_interval(0.95)
-        else:
-            t = scipy.stats.ttest_ind(per_seed_b, per_seed_a, equal_var=False).confidence_interval(0.95)
+        with warnings.catch_warnings():  # scipy's notice when every seed differs by the same amount
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t = (scipy.stats.ttest_rel(per_seed_b, per_seed_a) if len(a) == len(b) else
+                 scipy.stats.ttest_ind(per_seed_b, per_seed_a, equal_var=False)).confidence_interval(0.95)
         t_low, t_high = float(t.low), float(t.high)
     return {"reference_accuracy": float(a.mean()), "accuracy": float(b.mean()), "diff": float(d.mean()),
             "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5)),

@@ -1,10 +1,15 @@
-"""evaluate.py --sanity: an honest adversarially trained model passes every check; planted faults (a zero-gradient
-input step, saturating logits, a random forward pass, softmax outputs, BatchNorm in training mode, adversarial
-examples outside the eps ball) are caught, each by the check meant for it; the statistics behind WARN and FAIL;
-the command line end to end. Synthetic images, a narrow small-cnn, small n and attack budgets (about a minute)."""
+"""evaluate.py --sanity (sanity.py): honest models (an adversarially trained small-cnn, the same behind an identity
+wrapper, a foreign ResNet-18) pass; planted faults (a zero-gradient input step, saturating logits, a random forward
+pass, softmax outputs, BatchNorm in training mode, adversarial examples outside the eps ball, partial gradient
+masking: detached low-pass, checkerboard and colour-channel paths, replaced backward passes, random preprocessing) are
+caught, each by the check meant for it; the statistics behind WARN and FAIL; the command line end to end. Synthetic
+images, a narrow small-cnn, small n and attack budgets (about two minutes)."""
 
+import dataclasses
 import json
 import re
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +17,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluate as ev
+import sanity
 import utils
 from conftest import run_script
 
 # Small budgets (the defaults: sweep 0..64, PGD-100 x 3 restarts, Square 1000 queries)
-SMALL = ev.SanitySettings(epsilons=(0.0, 4.0, 8.0, 32.0), long_steps=40, restarts=1, square_queries=100,
+SMALL = sanity.SanitySettings(epsilons=(0.0, 4.0, 8.0, 32.0), long_steps=40, restarts=1, square_queries=100,
                           batch_size=128)
 SMALL_FLAGS = ["--sanity-epsilons", "0,4,8,32", "--sanity-steps", "40", "--sanity-restarts", "1",
                "--sanity-square-queries", "100", "--batch-size", "128", "--device", "cpu"]
-CHECKS = ["eval-mode", "deterministic", "logits", "gradients", "eps0-equals-clean", "eps-monotone", "large-eps-zero",
-          "more-steps-restarts", "fgsm-vs-pgd", "margin-vs-ce", "square-vs-white-box", "robust-within-clean",
-          "valid-examples", "worst-case-reported"]
+CHECKS = ["eval-mode", "deterministic", "logits", "gradients", "zero-coordinates", "finite-difference",
+          "eps0-equals-clean", "eps-monotone", "large-eps-zero", "more-steps-restarts", "fgsm-vs-pgd", "margin-vs-ce",
+          "square-vs-white-box", "robust-within-clean", "valid-examples", "worst-case-reported"]
 
 
 def checkpoint(model, data):
@@ -39,7 +45,7 @@ def honest(tmp_path_factory):
     2,000 synthetic images, about 45 % clean and 18 % PGD-20 accuracy; the run folder holds it as best.pt and
     final.pt (identical weights). About 20 s."""
     utils.seed_everything(0)
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     x_train, y_train = data.x_train[:2000], data.y_train[:2000]
     model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -68,17 +74,38 @@ def honest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images():
     """The 96 synthetic test images evaluate.py takes with --n-examples 96."""
-    data = utils.make_synthetic()
+    data = utils.load_dataset("synthetic", None)
     idx = utils.fixed_subset(len(data.x_test), 96).sort().values
     return utils.to_float(data.x_test[idx]), data.y_test[idx]
 
 
 @pytest.fixture(scope="module")
+def resnet():
+    """A foreign ResNet-18: pyautoattack's published example model (CIFAR-10) when it ships one, else this project's
+    ResNet-18 trained for 30 steps on synthetic images."""
+    spec = find_spec("pyautoattack")
+    path = Path(spec.origin).parent / "examples" / "model_test.pt" if spec else None
+    if path is not None and path.is_file():
+        return ev.load_model(path, ev.parse_args([str(path), "--arch", "resnet18"]))[0].eval()
+    utils.seed_everything(0)
+    data = utils.load_dataset("synthetic", None)
+    model = utils.build_model("resnet18", 10, data.mean, data.std)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for i in range(0, 30 * 32, 32):
+        loss = F.cross_entropy(model(utils.to_float(data.x_train[i : i + 32])), data.y_train[i : i + 32])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
 def honest_results(honest, images):
-    """The checklist on the honest model (and a check that it leaves the model as it was)."""
+    """The checklist on the honest model through the notebook's entry point (and a check that it leaves the model as
+    it was)."""
     model, _ = honest
     weights = utils.state_fingerprint(model)
-    results = ev.run_sanity_checks(model, *images, SMALL)
+    results = ev.sanity(model, *images, **dataclasses.asdict(SMALL))
     assert utils.state_fingerprint(model) == weights
     return by_name(results)
 
@@ -128,7 +155,8 @@ def test_zero_gradient_input_step_fails_the_gradient_check(honest, images):
     """(a) Input quantisation to the 8-bit grid: torch.round has a zero gradient, so PGD never moves."""
     model, _ = honest
     x, y = images
-    results = by_name(ev.run_sanity_checks(Wrapped(model, before=lambda x: torch.round(x * 255) / 255), x, y, SMALL))
+    quantised = Wrapped(model, before=lambda x: torch.round(x * 255) / 255)
+    results = by_name(sanity.run_sanity_checks(quantised, x, y, SMALL))
     assert results["gradients"]["status"] == "FAIL"
     assert results["gradients"]["numbers"]["zero_ce"] == results["gradients"]["numbers"]["zero_margin"] == 1.0
     assert "non-differentiable" in results["gradients"]["meaning"]
@@ -142,7 +170,7 @@ def test_saturating_logits_fail_the_loss_check(honest, images, honest_results):
     the margin loss (scale-free under sign gradients) attacks as well as on the honest model."""
     model, _ = honest
     x, y = images
-    results = by_name(ev.run_sanity_checks(Wrapped(model, after=lambda z: 1e4 * z), x, y, SMALL))
+    results = by_name(sanity.run_sanity_checks(Wrapped(model, after=lambda z: 1e4 * z), x, y, SMALL))
     loss = results["margin-vs-ce"]
     assert loss["status"] == "FAIL", loss["detail"]
     assert loss["numbers"]["ce"] - loss["numbers"]["cw"] >= 0.2
@@ -150,25 +178,159 @@ def test_saturating_logits_fail_the_loss_check(honest, images, honest_results):
     gradients = results["gradients"]["numbers"]
     assert gradients["zero_ce"] >= 0.3 and gradients["zero_margin"] == 0  # CE alone: the softmax saturates
     assert results["logits"]["status"] == results["square-vs-white-box"]["status"] == "PASS"
+    # the gradient probe works on the margin: its derivative is right, however large the logits
+    assert results["zero-coordinates"]["status"] == results["finite-difference"]["status"] == "PASS"
 
 
-def test_random_forward_fails_the_determinism_check(honest, images):
-    """(c) A model random at evaluation time: Gaussian noise (sd 0.03) on its input, a randomised defence."""
+def test_random_forward_fails_the_determinism_check_and_gets_eot(honest, images, tmp_path):
+    """(c) A model random at evaluation time: Gaussian noise (sd 0.03) on its input, a randomised defence. The
+    checklist attacks it with EOT-PGD-20 too (on the examples correct when clean) and reports it beside PGD-20 and
+    CW-20; the gradient probe, which holds the draws fixed, finds nothing to blame on the gradient."""
     model, _ = honest
     x, y = images
-    results = by_name(ev.run_sanity_checks(Wrapped(model, before=lambda x: x + 0.03 * torch.randn_like(x)), x, y,
-                                           SMALL))
+    results = by_name(sanity.run_sanity_checks(Wrapped(model, before=lambda x: x + 0.03 * torch.randn_like(x)), x, y,
+                                               SMALL))
     deterministic = results["deterministic"]
     assert deterministic["status"] == "FAIL" and deterministic["numbers"]["difference"] > 1e-3
-    assert "EoT" in deterministic["meaning"] and "--aa-version rand" in deterministic["meaning"]
+    assert "EOT" in deterministic["meaning"] and "--aa-version rand" in deterministic["meaning"]
     assert results["eval-mode"]["status"] == "PASS"  # noise is not mistaken for batch statistics
+    assert results["zero-coordinates"]["status"] == results["finite-difference"]["status"] == "PASS"
+    eot = results["valid-examples"]["numbers"]["attacks"]["eot-pgd"]
+    clean = results["eps-monotone"]["numbers"]["accuracy"][0]
+    assert eot["attacked"] == round(96 * clean) and eot["max_linf_255"] == pytest.approx(8, abs=1e-3)
+    worst = results["worst-case-reported"]["numbers"]
+    assert worst["eot_pgd"] == eot["accuracy"] < clean and worst["worst_case"] <= worst["eot_pgd"]
+    assert "EOT-PGD-20 (8 draws)" in results["worst-case-reported"]["detail"]
+    sanity.plot_sanity(list(results.values()), tmp_path / "random.png", "EOT-PGD-20 in the figure")
+    assert (tmp_path / "random.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eot_pgd_with_one_draw_is_pgd(honest, images):
+    """EOT-PGD follows the logits averaged over draws; with one draw of a deterministic model it is PGD, bit for
+    bit; without autograd (the prediction that is counted) it is one pass of the model."""
+    model, _ = honest
+    x, y = images[0][:16], images[1][:16]
+    eot = ev.pgd_attack(ev.ExpectedLogits(model, 1), x, y, 8 / 255, 2 / 255, 5,
+                        generator=torch.Generator().manual_seed(1))
+    pgd = ev.pgd_attack(model, x, y, 8 / 255, 2 / 255, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(eot, pgd) and not torch.equal(eot, x)
+    calls = []
+    counting = lambda z: calls.append(1) or model(z)  # noqa: E731
+    ev.pgd_attack(ev.ExpectedLogits(counting, 3), x, y, 8 / 255, 2 / 255, 5)
+    assert len(calls) == 3 * 5  # three draws at every step
+    with torch.no_grad():
+        ev.ExpectedLogits(counting, 3)(x)
+    assert len(calls) == 3 * 5 + 1
+
+
+# === Partial gradient masking: the gradient probe (autograd against finite differences, per image and coordinate)
+
+
+def gradient_checks(model, x, y, settings=SMALL):
+    """The checks of the model and its gradients, without the attacks: {name: result}."""
+    model.eval()
+    results = [sanity.check_eval_mode(model, x, settings), sanity.check_deterministic(model, x, settings),
+               sanity.check_gradients(model, x, y, settings),
+               *sanity.check_probe(sanity.gradient_probe(model, x, y, settings))]
+    return {r["name"]: r for r in results}
+
+
+def blur(x):
+    """A 5x5 box blur."""
+    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+
+
+def checkerboard_detached(x):
+    mask = torch.zeros_like(x[:1])
+    mask[..., ::2, ::2] = mask[..., 1::2, 1::2] = 1
+    return mask * x + (1 - mask) * x.detach()
+
+
+def random_resize(x):
+    """Resize to a random size in 28..36 and back (bilinear), a randomised input transform."""
+    size = int(torch.randint(28, 37, ()))
+    return F.interpolate(F.interpolate(x, size=size, mode="bilinear"), size=x.shape[-2:], mode="bilinear")
+
+
+# Each planted fault computes the honest model's function, or nearly, with a wrong or partly missing gradient (or a
+# random one), and the checks that must flag it. PGD on such a model overstates robustness.
+FAULTS = {
+    "low-pass detached": (lambda x: blur(x).detach() + (x - blur(x)), {"finite-difference"}),
+    "checkerboard detached": (checkerboard_detached, {"zero-coordinates", "finite-difference"}),
+    "two channels detached": (lambda x: torch.cat([x[:, :1], x[:, 1:].detach()], 1),
+                              {"zero-coordinates", "finite-difference"}),
+    "quantised": (lambda x: torch.round(x * 255) / 255, {"gradients", "zero-coordinates"}),
+    "straight-through quantiser": (lambda x: x + (torch.round(x * 15) / 15 - x).detach(), {"finite-difference"}),
+    "blur, identity backward": (lambda x: x + (blur(x) - x).detach(), {"finite-difference"}),
+    "gamma 2, identity backward": (lambda x: x + (x**2 - x).detach(), {"finite-difference"}),
+    "random noise": (lambda x: x + 0.03 * torch.randn_like(x), {"deterministic"}),
+    "random shift": (lambda x: torch.roll(x, torch.randint(-2, 3, (2,)).tolist(), (2, 3)), {"deterministic"}),
+    "random resize": (random_resize, {"deterministic"}),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_partial_gradient_masking_is_flagged(honest, images, fault):
+    """Every planted fault draws a WARN or FAIL from exactly the checks meant for it, whose meaning names the
+    attack that breaks it: BPDA (straight-through) for a detached or replaced gradient, EOT for randomness. A random
+    model is probed one draw at a time: its gradient is right, its randomness the determinism check's."""
+    model, _ = honest
+    before, flagged = FAULTS[fault]
+    results = gradient_checks(Wrapped(model, before=before), *images)
+    assert {name for name, r in results.items() if r["status"] != "PASS"} == flagged, \
+        {name: r["detail"] for name, r in results.items()}
+    for name in flagged:
+        assert ("EOT" if name == "deterministic" else "BPDA") in results[name]["meaning"]
+    zero, fd = results["zero-coordinates"]["numbers"], results["finite-difference"]["numbers"]
+    assert zero["n"] == fd["n"] == 96 and fd["precision"] == "float64"
+    if "finite-difference" in flagged:
+        assert fd["flagged"] >= 0.5 and fd["median_error"] > fd["threshold"]
+    else:
+        assert fd["flagged"] == 0 and fd["max_error"] < 0.01
+    expected_zero = {"checkerboard detached": 0.5, "two channels detached": 2 / 3, "quantised": 1.0}.get(fault, 0.0)
+    assert zero["zero_share"] == pytest.approx(expected_zero) and zero["flagged"] == (1.0 if expected_zero else 0.0)
+
+
+def test_honest_models_pass_the_gradient_probe(honest, images, resnet):
+    """No false alarm: the trained small-cnn in float64 and in float32 (a model whose float64 copy cannot run falls
+    back to float32 and a larger step), under bf16 autocast (probed without it), the same ignoring a 2-pixel border
+    (its zero coordinates do not move the output: nothing masked), and a foreign ResNet-18. Honest errors are orders
+    of magnitude below the threshold."""
+    model, _ = honest
+    x, y = images
+    kernel = torch.ones(3, 1, 1, 1)  # a float32 identity convolution: the float64 copy raises
+    float32 = Wrapped(model, before=lambda x: F.conv2d(x, kernel, groups=3))
+    border = Wrapped(model, before=lambda x: F.pad(x[..., 2:-2, 2:-2], (2, 2, 2, 2)))
+    candidates = ((model, "float64", 0.0), (float32, "float32", 0.0), (ev.Bf16Autocast(model), "float64", 0.0),
+                  (border, "float64", 1 - 28**2 / 32**2))
+    for candidate, precision, zero in candidates:
+        results = gradient_checks(candidate, x, y)
+        assert all(r["status"] == "PASS" for r in results.values()), {n: r["detail"] for n, r in results.items()}
+        fd = results["finite-difference"]["numbers"]
+        assert fd["precision"] == precision and fd["flagged"] == results["zero-coordinates"]["numbers"]["flagged"] == 0
+        assert fd["max_error"] < (1e-3 if precision == "float64" else 0.2)
+        zeros = results["zero-coordinates"]["numbers"]
+        assert zeros["zero_share"] == pytest.approx(zero) and zeros["images_with_zeros"] == (1.0 if zero else 0.0)
+    results = gradient_checks(resnet, x[:32], y[:32])
+    assert all(r["status"] == "PASS" for r in results.values()), {n: r["detail"] for n, r in results.items()}
+    assert results["finite-difference"]["numbers"]["max_error"] < 1e-2
+
+
+def test_identity_wrapper_changes_nothing(honest, images, honest_results):
+    """The trained model behind an identity wrapper: the same function, the same gradient, the same checklist."""
+    model, _ = honest
+    results = by_name(sanity.run_sanity_checks(Wrapped(model), *images, SMALL))
+    assert all(r["status"] == "PASS" for r in results.values())
+    for name, r in results.items():
+        if name != "valid-examples":  # its numbers hold the seconds each attack took
+            assert r["numbers"] == honest_results[name]["numbers"], name
 
 
 def test_softmax_outputs_fail_the_logits_check(honest, images):
     """(d) A model that returns probabilities."""
     model, _ = honest
     x, y = images
-    results = by_name(ev.run_sanity_checks(Wrapped(model, after=lambda z: F.softmax(z, dim=1)), x, y, SMALL))
+    results = by_name(sanity.run_sanity_checks(Wrapped(model, after=lambda z: F.softmax(z, dim=1)), x, y, SMALL))
     assert results["logits"]["status"] == "FAIL" and results["logits"]["numbers"]["probability_rows"] == 1.0
     assert results["deterministic"]["status"] == results["eval-mode"]["status"] == "PASS"
 
@@ -186,7 +348,7 @@ def test_batchnorm_in_training_mode_fails_the_eval_mode_check(honest, images):
 
     faulty = TrainsItself(model)
     try:
-        result = ev.check_eval_mode(faulty, x, SMALL)
+        result = sanity.check_eval_mode(faulty, x, SMALL)
     finally:
         model.eval()
     assert result["status"] == "FAIL" and result["numbers"]["batch_dependence"] > 0.05
@@ -199,13 +361,13 @@ def test_adversarial_examples_outside_the_ball_fail_the_per_example_check(honest
     """(e) An attack that overshoots: its examples twice as far from x as PGD's, still inside [0, 1]."""
     model, _ = honest
     x, y = images
-    real = ev.pgd_attack
+    real = sanity.pgd_attack
 
     def overshooting(model, x, *args, **kwargs):
         return (x + 2 * (real(model, x, *args, **kwargs) - x)).clamp(0, 1)
 
-    monkeypatch.setattr(ev, "pgd_attack", overshooting)
-    results = by_name(ev.run_sanity_checks(model, x, y, SMALL))
+    monkeypatch.setattr(sanity, "pgd_attack", overshooting)
+    results = by_name(sanity.run_sanity_checks(model, x, y, SMALL))
     valid = results["valid-examples"]
     assert valid["status"] == "FAIL" and valid["numbers"]["outside_ball"] > 96
     assert valid["numbers"]["outside_box"] == valid["numbers"]["nan"] == 0
@@ -218,7 +380,7 @@ def test_adversarial_examples_outside_the_ball_fail_the_per_example_check(honest
     x_adv[1, 1, 2, 3] = -0.01
     x_adv[2, 2, 5, 5] = float("nan")
     with torch.no_grad():
-        faults, distance = ev.perturbation_faults(x4, x_adv, eps, model(x_adv))
+        faults, distance = sanity.perturbation_faults(x4, x_adv, eps, model(x_adv))
     assert faults["outside_ball"].tolist() == [True, True, False, False]  # -0.01 is far outside the ball too
     assert faults["outside_box"].tolist() == [False, True, False, False]
     assert faults["nan"].tolist() == [False, False, True, False]
@@ -232,15 +394,15 @@ def test_gaps_are_judged_against_their_noise():
     reference[:50] = True
     other = reference.clone()
     other[:10] = False  # 10 of 100 examples fooled in addition
-    gap, se = ev.paired_gap(reference, other)
+    gap, se = sanity.paired_gap(reference, other)
     assert gap == pytest.approx(0.10) and se == pytest.approx((0.1 * 0.9 / 100) ** 0.5)
-    assert ev.gap_status(gap, se, "more-steps-restarts") == "WARN"  # 10 - 2 * 3 = 4 > 3 points
-    assert ev.gap_status(gap, se, "worst-case-reported") == "PASS"  # 4 points: within what honest tables show
-    assert ev.gap_status(0.30, 0.04, "worst-case-reported") == "FAIL"
-    assert ev.gap_status(0.02, 0.014, "square-vs-white-box") == "PASS"  # 2 points on 100 images: noise
-    assert ev.gap_status(0.02, 0.002, "square-vs-white-box") == "PASS"  # 2 points on 5,000: not above 2
-    assert ev.gap_status(0.04, 0.003, "square-vs-white-box") == "WARN"
-    assert ev.paired_gap(reference, reference) == (0.0, 0.0)
+    assert sanity.gap_status(gap, se, "more-steps-restarts") == "WARN"  # 10 - 2 * 3 = 4 > 3 points
+    assert sanity.gap_status(gap, se, "worst-case-reported") == "PASS"  # 4 points: within what honest tables show
+    assert sanity.gap_status(0.30, 0.04, "worst-case-reported") == "FAIL"
+    assert sanity.gap_status(0.02, 0.014, "square-vs-white-box") == "PASS"  # 2 points on 100 images: noise
+    assert sanity.gap_status(0.02, 0.002, "square-vs-white-box") == "PASS"  # 2 points on 5,000: not above 2
+    assert sanity.gap_status(0.04, 0.003, "square-vs-white-box") == "WARN"
+    assert sanity.paired_gap(reference, reference) == (0.0, 0.0)
 
 
 def flags(n, *ranges):
@@ -259,7 +421,7 @@ def test_margin_gap_is_judged_against_what_the_attacks_fool():
     n, clean = 500, flags(500, (0, 170))
 
     def loss_check(ce_robust, cw_robust):
-        return ev.check_loss({"pgd20": {"robust": flags(n, ce_robust)}, "cw20": {"robust": flags(n, cw_robust)}},
+        return sanity.check_loss({"pgd20": {"robust": flags(n, ce_robust)}, "cw20": {"robust": flags(n, cw_robust)}},
                              clean)
 
     blind = loss_check((5, 170), (0, 98))  # CE-robust: 165 images, CW fools 72 of them
@@ -283,12 +445,12 @@ def test_command_line_end_to_end(honest, tmp_path, capsys):
     for role in ("best", "final"):
         lines = [line for line in printed if line.startswith(f"  {role:10s} PASS  ")]
         assert [line.split()[2] for line in lines] == CHECKS, printed
-    assert "  final      sanity: 14 PASS, 0 WARN, 0 FAIL" in printed
+    assert "  final      sanity: 16 PASS, 0 WARN, 0 FAIL" in printed
     saved = json.loads((run / "eval.json").read_text())
     assert sorted(saved) == ["landscapes", "results", "sanity", "script", "table"]
     best, final = saved["sanity"]
     assert (best["role"], final["role"]) == ("best", "final") and final["same_weights_as"] == str(run / "best.pt")
-    assert best["n"] == 64 and best["counts"] == {"PASS": 14, "WARN": 0, "FAIL": 0} and best["cost_vs_pgd20"] > 1
+    assert best["n"] == 64 and best["counts"] == {"PASS": 16, "WARN": 0, "FAIL": 0} and best["cost_vs_pgd20"] > 1
     assert best["settings"]["square_queries"] == 100 and best["settings"]["epsilons"] == [0, 4, 8, 32]
     assert [c["name"] for c in final["checks"]] == CHECKS and final["checks"] == best["checks"]
     rows = {(r["role"], r["attack"]): r for r in saved["results"]}
