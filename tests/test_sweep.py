@@ -1,5 +1,6 @@
-"""sweep.py: the grids, the local launcher (parallel jobs, a killed run, a preempted job), the Slurm
-submission (a stand-in sbatch on PATH), --status, --report; and the TensorBoard / W&B tracking of utils."""
+"""sweep.py: the grids, the local launcher (parallel jobs, a killed run, a preempted job, each run's progress), the
+Slurm submission (a stand-in sbatch on PATH), --dry-run's checks, --status, --report with each method against PGD-AT;
+and the TensorBoard / W&B tracking of utils."""
 
 import json
 import os
@@ -11,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import evaluate
 import sweep
 import utils
-from conftest import TINY, kill_after_first_checkpoint, run_script
+from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 EPOCHS = 4
 # the tiny grid: table5 (ALP and NMSE, no PIAT) x 2 seeds, small-cnn on 64 synthetic images, 4 short epochs
@@ -59,7 +62,7 @@ def mean_std_text(values):
 def test_grids_hold_the_papers_runs_once_each():
     plan = sweep.plan(["paper", "averaging"], seeds=2, sweep_dir="/sweep")
     assert set(sweep.ALIASES["paper"]) | {"averaging"} == set(sweep.GRIDS)
-    table1 = plan.table("table1", "cifar10")
+    table1 = plan.tables["table1", "cifar10"]
     assert list(table1) == ["PGD-AT", "ALP", "TRADES", "MART", "MAIL", "CFA", "RAT", "PIAT + NMSE"]
     assert {ds for grid, ds in plan.tables if grid == "table1"} == {"cifar10", "cifar100", "svhn"}
     cfa = plan.runs[table1["CFA"][1]]
@@ -69,13 +72,13 @@ def test_grids_hold_the_papers_runs_once_each():
     # evaluated for all of them in one evaluate.py call
     nmse = table1["PIAT + NMSE"]
     for grid, row in (("fig6", "PIAT + NMSE"), ("fig7", 4), ("fig9", "dynamic"), ("rdat", "PIAT + NMSE")):
-        assert plan.table(grid, "cifar10")[row] == nmse, grid
+        assert plan.tables[grid, "cifar10"][row] == nmse, grid
     assert plan.runs[nmse[0]].steps == (sweep.Step(("clean", "pgd20", "cw20", "aa")),)
     assert len({(r.script, r.flags, r.seed) for r in plan.runs.values()}) == len(plan.runs)
     # WRN-32-10 runs are their own; the ViT grid is train_vit.py's
-    assert plan.runs[plan.table("table2", "cifar100")["PGD-AT"][0]].flags[2:4] == ("--arch", "wrn-32-10")
-    assert len(plan.table("table4", "cifar10")) == 27
-    averaging = {k: plan.runs[v[0]].flags[4:] for k, v in plan.table("averaging", "cifar10").items()}
+    assert plan.runs[plan.tables["table2", "cifar100"]["PGD-AT"][0]].flags[2:4] == ("--arch", "wrn-32-10")
+    assert len(plan.tables["table4", "cifar10"]) == 27
+    averaging = {k: plan.runs[v[0]].flags[4:] for k, v in plan.tables["averaging", "cifar10"].items()}
     assert averaging == {"PGD-AT": ("--loss", "ce", "--no-piat"),
                          "PGD-AT + EMA": ("--loss", "ce", "--no-piat", "--ema", "0.999"),
                          "PGD-AT + SWA": ("--loss", "ce", "--no-piat", "--swa-start", "90"),  # 3/4 of 120 epochs
@@ -83,7 +86,9 @@ def test_grids_hold_the_papers_runs_once_each():
     # quick mode: the notebook's 22 runs on synthetic data; extra flags reach every training command
     quick = sweep.plan(["paper"], profile="quick", extra=["--epochs", "2"], sweep_dir="/q")
     assert len(quick.runs) == 22 and all(r.flags[-2:] == ("--epochs", "2") for r in quick.runs.values())
-    assert sweep.plan(["averaging"], extra=["--epochs", "40"]).table("averaging", "cifar10")["PGD-AT + SWA"]
+    averaging = sweep.plan(["averaging"], extra=["--epochs", "40"])
+    swa = averaging.runs[averaging.tables["averaging", "cifar10"]["PGD-AT + SWA"][0]]
+    assert swa.flags[-4:] == ("--swa-start", "30", "--epochs", "40")  # 3/4 of the epochs asked for
 
 
 def test_dry_run_status_and_bad_input(tmp_path, capsys):
@@ -94,14 +99,29 @@ def test_dry_run_status_and_bad_input(tmp_path, capsys):
     assert f"{Path(sys.executable)} {sweep.ROOT / 'train_piat.py'} --dataset synthetic" in out
     assert f"--epochs {EPOCHS} --seed 1 --out-dir {run}\n" in out
     assert f"evaluate.py {run} --attacks clean,pgd20 --n-examples 16\n" in out
+    assert "# to do    synthetic/alp-nopiat/seed1" in out  # the output runs as a shell script
     assert "4 of 4 runs to launch" in out and not sweep_dir.exists()  # nothing run, nothing written
-    # a diverged run is a failure that is not retried
-    diverged = sweep_dir / "synthetic" / "nmse-nopiat" / "seed0"
+    # a run whose job ended with the training script's exit status 3 diverged: a failure that is not retried
+    diverged = sweep_dir.absolute() / "synthetic" / "nmse-nopiat" / "seed0"
     diverged.mkdir(parents=True)
-    (diverged / "status.json").write_text(json.dumps({"status": "diverged"}))
+    (diverged / "args.json").write_text(json.dumps({"script": "train_piat.py"}))
+    run = sweep.plan_from_args(*sweep.parse_args([*GRID_FLAGS, "--sweep-dir", str(sweep_dir)])).runs[diverged]
+    (tmp_path / "train_piat.py").write_text("import sys\nsys.exit(3)\n")  # what a diverging run exits with
+    with pytest.raises(RuntimeError) as stopped:
+        sweep.RunJob(run)._run([sys.executable, str(tmp_path / "train_piat.py")])
+    assert "train_piat.py stopped with exit code 3 (it diverged)" in str(stopped.value)
+    logs, record = sweep_dir.absolute() / "logs", sweep.record_path(sweep_dir.absolute() / "logs", run)
+    record.parent.mkdir(parents=True)
+    with open(logs / "result.pkl", "wb") as f:
+        pickle.dump(("error", f"Traceback ...\nRuntimeError: {stopped.value}"), f)
+    (logs / "job.err").write_text("train_piat.py: diverged: the training loss is nan at epoch 2, step 1\n")
+    record.write_text(json.dumps({"launcher": "local", "job_id": "1", "host": "here", "stdout": "",
+                                  "result": str(logs / "result.pkl"), "stderr": str(logs / "job.err")}))
     assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--status"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("failed   synthetic/nmse-nopiat/seed0") and "diverged" in line for line in lines)
+    at = next(i for i, line in enumerate(lines) if line.startswith("failed   synthetic/nmse-nopiat/seed0"))
+    assert lines[at].endswith("diverged at not started; delete its folder to train it again")
+    assert lines[at + 1] == "    | train_piat.py: diverged: the training loss is nan at epoch 2, step 1"
     assert lines[-1] == "4 runs: 0 done, 0 running, 1 failed, 3 to do"
     # so is a folder holding a run of other settings: it never passes for this sweep's
     other = sweep_dir / "synthetic" / "alp-nopiat" / "seed1"
@@ -111,17 +131,57 @@ def test_dry_run_status_and_bad_input(tmp_path, capsys):
     line = next(line for line in capsys.readouterr().out.splitlines() if "alp-nopiat/seed1" in line)
     assert line.startswith("failed   ") and line.endswith(f"its args.json has epochs 30, this sweep {EPOCHS}: "
                                                          "another sweep's run; use another --sweep-dir or delete it")
+    # a started run (its folder holds args.json) continues with --resume; a fresh one gets an empty --out-dir
+    started = sweep_dir.absolute() / "synthetic" / "nmse-nopiat" / "seed1"
+    started.mkdir(parents=True)
+    (started / "args.json").write_text(json.dumps({"script": "train_piat.py", "epochs": EPOCHS}))
     assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--dry-run"]) == 0
-    assert "2 of 4 runs to launch" in capsys.readouterr().out
-    # bad input: one line, before anything is started
-    with pytest.raises(sweep.UserError, match="train_piat.py refuses the flags of synthetic/alp-nopiat/seed0: "
-                                              "unrecognized arguments: --no-such-flag"):
-        sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--no-such-flag"])
-    for argv, message in ((["table9"], "unknown 'table9'"), (["table5", "--seed", "3"], "--seed is set by sweep.py")):
+    out = capsys.readouterr().out
+    assert f"--seed 1 --out-dir {started} --resume {started}\n" in out and "2 of 4 runs to launch" in out
+    assert f"--seed 0 --out-dir {sweep_dir.absolute() / 'synthetic' / 'alp-nopiat' / 'seed0'}\n" in out
+    # bad input: one line, before anything is printed or started; --dry-run checks what a launch checks
+    for flags, message in ((["--no-such-flag"], "train_piat.py refuses the flags of synthetic/alp-nopiat/seed0: "
+                                                "unrecognized arguments: --no-such-flag"),
+                           (["--lr", "abc"], "argument --lr: invalid float value: 'abc'")):
+        for action in ([], ["--dry-run"]):
+            with pytest.raises(utils.UserError, match=message):
+                sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), *flags, *action])
+            assert capsys.readouterr().out == ""
+    for argv, message in ((["table9"], "unknown 'table9'"), (["table5", "--seed", "3"], "--seed is set by sweep.py"),
+                          (["table5", "--datasets", "mnist", "--dry-run"], "argument --datasets: unknown 'mnist'")):
         with pytest.raises(SystemExit):
             sweep.main(argv)
-        assert message in capsys.readouterr().err
-    assert not (sweep_dir / "logs").exists()
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == ""
+    assert sorted(p.name for p in logs.rglob("*")) == ["job.err", "jobs", "result.pkl", record.name]  # no launch
+
+
+def test_a_file_where_a_folder_belongs_gets_one_line(tmp_path, root):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    for flags, flag in ((["--sweep-dir", file], "--sweep-dir"),  # a launch: refused before anything starts
+                        (["--sweep-dir", file / "sweep", "--dry-run"], "--sweep-dir"),
+                        (["--sweep-dir", file, "--status"], "--sweep-dir"),
+                        (["--sweep-dir", tmp_path / "run", "--report", "--report-dir", file / "r"], "--report-dir")):
+        result = run_script(root / "sweep.py", *GRID_FLAGS, *flags)
+        line = one_line_error(result, "sweep.py")
+        assert result.returncode == 1 and result.stdout == "", flags
+        assert line.startswith(f"sweep.py: error: {flag} ") and line.endswith(f"{file} is a file, not a folder"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
+def test_submitit_is_imported_only_to_launch_and_bad_input_is_one_line(tmp_path, root):
+    # paper.ipynb's quick mode plans and runs without submitit installed: importing sweep does not import it
+    code = "import sys, sweep; print('submitit' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True).stdout == "False\n"
+    code = ("import sys; sys.modules['submitit'] = None; import sweep; "  # `import submitit` raises ImportError
+            f"sys.exit(sweep.main({[*GRID_FLAGS, '--sweep-dir', str(tmp_path / 'sweep')]!r} + sys.argv[1:]))")
+    for action in ("--dry-run", "--status"):
+        result = subprocess.run([sys.executable, "-c", code, action], cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0 and "4 run" in result.stdout, result.stderr
+    result = run_script(root / "sweep.py", *GRID_FLAGS, "--sweep-dir", tmp_path / "sweep", "--no-such-flag")
+    assert result.returncode == 1 and one_line_error(result, "sweep.py").endswith("unrecognized arguments: "
+                                                                                 "--no-such-flag")
 
 
 def in_the_middle(run_dirs):
@@ -157,14 +217,22 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
     assert proc.returncode == 1, out
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert f"4 run(s), 2 at a time on this machine, no GPU, {threads} CPU thread(s) each" in out
+    # each run says where it stands: when it starts, and its training's epochs as they end
+    starts = [line for line in out.splitlines() if line.startswith("run ")]
+    assert [line.split(":")[0] for line in starts] == [f"run {i}/4" for i in range(1, 5)], out
+    assert all("(not started; trains; job " in line for line in starts), starts
+    for run_dir in sweep_dir.glob("synthetic/*/seed*"):
+        assert f"    {key(run_dir)}: epoch   1  lr" in out, out
     # the killed run is listed as failed, with the tail of its log; the others are not stopped by it
-    assert f"FAILED   {key(killed)}: RuntimeError: train_piat.py stopped with signal SIGKILL" in out, out
+    assert f"FAILED   {key(killed)}: epoch " in out, out
+    assert ": RuntimeError: train_piat.py stopped with signal SIGKILL" in out, out
     assert "    | " in out and "3 run(s) finished, 1 failed (above)" in out, out
     # the preempted job stopped its training, requeued itself and continued from its last epoch
     assert f"finished {key(preempted)}" in out
     record = json.loads((sweep_dir / "logs" / "jobs" / f"{key(preempted).replace('/', '.')}.json").read_text())
     log = Path(record["stdout"]).read_text()
-    assert f"--resume {preempted}" in log and f"resuming {preempted} after epoch" in log, log
+    assert f"--resume {preempted}" in log, log
+    assert [log.count(f"epoch {epoch:3d}  lr") for epoch in range(1, EPOCHS + 1)] == [1] * EPOCHS, log  # none twice
     assert [r["epoch"] for r in utils.read_metrics(preempted / "metrics.csv")] == list(range(1, EPOCHS + 1))
 
     # the same command again continues the killed run and leaves the finished ones alone
@@ -173,7 +241,8 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
     capsys.readouterr()
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("started  ") == 1 and f"started  {key(killed)}" in out and "1 run(s) finished, 0 failed" in out
+    assert out.count("run 1/1: ") == 1 and f"run 1/1: {key(killed)} (epoch " in out, out
+    assert "continues with --resume" in out and "1 run(s) finished, 0 failed" in out, out
     assert {p: ((p / "final.pt").stat().st_mtime_ns, (p / "eval.json").stat().st_mtime_ns) for p in finished} == stamps
     assert [r["epoch"] for r in utils.read_metrics(killed / "metrics.csv")] == list(range(1, EPOCHS + 1))
     assert utils.load_checkpoint(killed / "final.pt")["epoch"] == EPOCHS
@@ -189,8 +258,49 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
                    for s in (0, 1)]
         best = {a: [next(r["accuracy"] for r in res["results"] if (r["role"], r["attack"]) == ("best", a))
                     for res in results] for a in ("clean", "pgd20")}
-        assert report_cells(markdown, method)[:5] == [method, mean_std_text(best["clean"]),
+        assert report_cells(markdown, method)[:6] == [method, "ours", mean_std_text(best["clean"]),
                                                       mean_std_text(best["pgd20"]), "–", "2"]
+
+
+def test_report_marks_each_difference_to_pgd_at(tmp_path):
+    """Table I and the averaging table: under each method its difference to PGD-AT (evaluate.compare_flags on the
+    per-image results, seeds paired in order), * where p < 0.05, – for a run evaluated without per-image results."""
+    argv = ["table1,averaging", "--profile", "quick", "--seeds", "3", "--sweep-dir", str(tmp_path)]
+    plan = sweep.plan_from_args(*sweep.parse_args(argv))
+    cells, indices, flags = sweep.BEST_FINAL_DIFF, list(range(0, 400, 2)), {}
+    for run in plan.runs.values():  # eval.json as evaluate.py writes it; PIAT and PIAT + NMSE right more often
+        accuracy, rows = 0.75 if run.name in ("ce-piat", "nmse-piat") else 0.5, []
+        for i, (role, attack) in enumerate((role, attack) for role, attack in cells if role != "diff"):
+            rng = np.random.default_rng([run.seed, i, int(100 * accuracy)])  # the same for runs of one accuracy
+            flags[run.run_dir, role, attack] = (rng.random(len(indices)) < accuracy).astype(int).tolist()
+            rows.append({"role": role, "attack": attack, "accuracy": float(np.mean(flags[run.run_dir, role, attack])),
+                         "dataset": "synthetic", "indices": indices, "per_image": flags[run.run_dir, role, attack]})
+            if run.name == "mail-nopiat":  # evaluated by an older evaluate.py
+                del rows[-1]["per_image"]
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "eval.json").write_text(json.dumps({"results": rows}))
+    assert sweep.main([*argv, "--report"]) == 0
+    for grid, method in (("table1", "PIAT + NMSE"), ("table1", "ALP"), ("table1", "MAIL"), ("averaging", "PIAT"),
+                         ("averaging", "PGD-AT + SWA")):
+        table, lines = plan.tables[grid, "synthetic"], (tmp_path / "report" / f"{grid}.md").read_text().splitlines()
+        at = lines.index(next(line for line in lines if line.startswith(f"| {method} | ours |")))
+        delta = [cell.strip() for cell in lines[at + 1].strip("|").split("|")]
+        assert delta[:2] == ["", "Δ vs PGD-AT"] and len(delta) == len(cells) + 3, lines[at + 1]
+        for (role, attack), cell in zip(cells, delta[2:]):
+            if role == "diff" or method == "MAIL":
+                assert cell == ("" if role == "diff" else "–"), (method, role, attack)
+                continue
+            s = evaluate.compare_flags(*([flags[d, role, attack] for d in table[m]] for m in ("PGD-AT", method)))
+            assert cell == (f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] "
+                            f"p={s['p_value']:.2g}" + " *" * (s["p_value"] < 0.05)), (method, role, attack)
+            significant = method in ("PIAT + NMSE", "PIAT")  # 75 % against 50 % on 3 x 200 images; else the same
+            assert cell.endswith(" *") == significant and (s["diff"] > 0.15 if significant else cell == "+0.00 "
+                                                           "[+0.0, +0.0] p=1"), (method, role, attack, cell)
+        assert lines[at + 2].startswith("| | paper (cifar10) |" if grid == "table1" else "| ")
+        reference = lines.index(next(line for line in lines if line.startswith("| PGD-AT | ours |")))
+        assert "Δ" not in lines[reference + 1]  # PGD-AT is not compared with itself
+        assert any(line.startswith("Δ vs PGD-AT: accuracy minus PGD-AT's (points) [95 % interval") for line in lines)
+    assert (tmp_path / "report" / "synthetic" / "averaging.png").exists()
 
 
 FAKE_SBATCH = """#!{python}
@@ -320,16 +430,20 @@ def test_tensorboard_and_offline_wandb_hold_metrics_csv_across_a_resume(tmp_path
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     # TensorBoard: every metrics.csv column but the epoch (the step), each epoch once despite the kill
     scalars = read_scalars(run_dir / "tensorboard")
-    columns = [c for c in rows[0] if c != "epoch" and rows[0][c] != ""]
+    columns = [c for c in rows[0] if c != "epoch" and rows[0][c] is not None]  # empty cells read as None
     assert sorted(scalars) == sorted(columns)
     for column in columns:
         assert [step for step, _ in scalars[column]] == [r["epoch"] for r in rows], column
         assert [value for _, value in scalars[column]] == pytest.approx([r[column] for r in rows], rel=1e-5), column
-    # W&B offline: one local run folder per process, both under the same run id; together they hold every
-    # epoch (the last one the killed process logged may be in both: a SIGKILL can lose W&B's buffer)
-    record = json.loads((run_dir / "wandb" / "resume.json").read_text())
+    # W&B offline: one local run folder per process, both under the run id the checkpoints' args keep; together
+    # they hold every epoch, the resumed process logging again only the last epoch it restored (a SIGKILL can
+    # lose what is still in W&B's buffer)
+    checkpoint = utils.load_checkpoint(run_dir / "final.pt")
+    wandb_id = checkpoint["args"]["wandb_id"]
+    assert checkpoint["epoch"] == 3 and wandb_id == utils.load_checkpoint(run_dir / "best.pt")["args"]["wandb_id"]
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 2 and all(f.name == f"run-{record['id']}.wandb" for f in files) and record["epochs"] == 3
+    assert len(files) == 2 and all(f.name == f"run-{wandb_id}.wandb" for f in files)
+    assert [row["_step"] for row in wandb_history(files[1])] == list(range(trained, 4))
     history = [row for f in files for row in wandb_history(f)]
     assert sorted({row["_step"] for row in history}) == [1, 2, 3] and len(history) <= 4
     for row in history:
