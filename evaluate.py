@@ -666,12 +666,20 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
                                 if (r["run"], r["role"], r["attack"]) != (run, role, attack)] + [row]
             save_results(saved, json_path)
         if landscape:  # beside the results: RUN/final.landscape.*, CKPT.landscape.*, with --out RUN_NAME.final.*
-            name = Path(ckpt).stem if not is_run_dir else role if args.out is None else f"{Path(run).name}.{role}"
+            name = output_stem(run, ckpt, role, is_run_dir, args.out)
             entry = landscape_for(model, x, y, args, device, common, json_path.parent / f"{name}.landscape")
             saved["landscapes"] = [e for e in saved["landscapes"] if (e["run"], e["role"]) != (run, role)] + [entry]
             save_results(saved, json_path)
         model.cpu()
     return new_rows
+
+
+def output_stem(run, ckpt, role, is_run_dir, out):
+    """The name a checkpoint's figures take beside its results: final (in RUN), the checkpoint's name, FILE.NAME for
+    --model FILE.py:NAME, or with --out RUN_NAME.final."""
+    if role == "model":
+        return f"{Path(ckpt).stem}.{run.rpartition(':')[2]}"
+    return Path(ckpt).stem if not is_run_dir else role if out is None else f"{Path(run).name}.{role}"
 
 
 # === Results: the JSON files and Table I

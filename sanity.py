@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from evaluate import Bf16Autocast, cw_margin, ExpectedLogits, load_test_images, pgd_attack, read_results, save_results
+from evaluate import (Bf16Autocast, ExpectedLogits, cw_margin, load_test_images, output_stem, pgd_attack, read_results,
+                      save_results)
 
 SANITY_EPSILONS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the epsilon sweep, 1/255 units (evaluate.py's default)
 SANITY_N = 500  # test images of the checklist when --n-examples is not given
@@ -667,7 +668,7 @@ def sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, ca
             checked[same] = entry
         entry["counts"] = print_sanity(entry["checks"], role)
         entry["cost_vs_pgd20"] = entry["seconds"] / max(entry["pgd20_seconds"], 1e-9) if entry["seconds"] else None
-        name = Path(ckpt).stem if not is_run_dir else role if args.out is None else f"{Path(run).name}.{role}"
+        name = output_stem(run, ckpt, role, is_run_dir, args.out)
         entry["png"] = str(json_path.parent / f"{name}.sanity.png")
         plot_sanity(entry["checks"], Path(entry["png"]), f"{info['method']} ({role}): sanity checks, {len(y)} "
                                                          f"{images['dataset']} images, eps {args.epsilon:g}/255")
