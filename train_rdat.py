@@ -415,6 +415,8 @@ def train(args, checkpoint, rank, world_size, device, stop):
     if args.batch_size % world_size:
         raise utils.UserError(f"--batch-size {args.batch_size} (the global batch) must divide among {world_size} "
                               "processes")
+    if args.sync_bn and device.type != "cuda":
+        raise utils.UserError("--sync-bn needs one CUDA device per process")
     # set up: the data; both learners, their EMAs and the global learner; two optimisers; theta_prev
     utils.seed_everything(args.seed)  # the same initial weights on every rank
     data = utils.load_dataset(args.dataset, args.data_dir, args.image_size)

@@ -152,14 +152,13 @@ def state_fingerprint(model):
 
 def check_ranks_agree(**models):
     """At the end of a torchrun run every rank must hold bit-identical weights; rank 0 says that they do."""
-    prints = [tuple(state_fingerprint(m) for m in models.values())]
     if dist.is_available() and dist.is_initialized():
-        prints = prints * dist.get_world_size()
-        dist.all_gather_object(prints, prints[0])
-    if len(prints) > 1 and len(set(prints)) > 1:
-        raise RuntimeError(f"the {len(prints)} ranks ended with different {', '.join(models)}: {prints}")
-    if len(prints) > 1 and rank() == 0:
-        print(f"{', '.join(models)}: identical on all {len(prints)} ranks (sha256 {prints[0][0][:16]})")
+        prints = [None] * dist.get_world_size()
+        dist.all_gather_object(prints, tuple(state_fingerprint(m) for m in models.values()))
+        if len(set(prints)) > 1:
+            raise RuntimeError(f"the {len(prints)} ranks ended with different {', '.join(models)}: {prints}")
+        if rank() == 0:
+            print(f"{', '.join(models)}: identical on all {len(prints)} ranks (sha256 {prints[0][0][:16]})")
 
 
 def bf16_pays(device):
@@ -464,12 +463,11 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=32):
         super().__init__()
-        w, self.normalize = width, Normalize(mean, std)
-        blocks = [nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
-                  for c_in, c_out in ((3, w), (w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w))]
-        self.features = nn.Sequential(blocks[0], nn.MaxPool2d(2), blocks[1], nn.MaxPool2d(2), blocks[2],
-                                      nn.MaxPool2d(2), blocks[3])
-        self.linear = nn.Linear(4 * w, num_classes)
+        w, self.normalize, layers = width, Normalize(mean, std), []
+        for i, (c_in, c_out) in enumerate(((3, w), (w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w))):  # keys features.N.*
+            conv_bn = nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+            layers += [nn.MaxPool2d(2), conv_bn] if i else [conv_bn]
+        self.features, self.linear = nn.Sequential(*layers), nn.Linear(4 * w, num_classes)
 
     def forward(self, x):
         return self.linear(F.adaptive_avg_pool2d(self.features(self.normalize(x)), 1).flatten(1))

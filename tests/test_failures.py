@@ -142,6 +142,8 @@ BAD_INPUTS = {
     "eval-nan-weights": ("evaluate.py", ["{nan_weights}/final.pt", "--device", "cpu"],
                          "{nan_weights}/final.pt holds weights that are not finite (linear.bias is nan)", 1),
     # devices
+    "piat-sync-bn-on-cpu": ("train_piat.py", ["--sync-bn"], "--sync-bn needs one CUDA device per process", 1),
+    "rdat-sync-bn-on-cpu": ("train_rdat.py", ["--sync-bn"], "--sync-bn needs one CUDA device per process", 1),
     "piat-device": ("train_piat.py", [*TINY[:-2], "--device", "gpu", "--out-dir", "{new}"],
                     "--device gpu is not a torch device", 1),
     "eval-device": ("evaluate.py", ["{run}", "--device", "cuda:99"], "--device cuda:99, but this machine has", 1),
