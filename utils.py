@@ -41,6 +41,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "resume", None):  # which flags were typed: resume_args refuses those the run disagrees with
+            tokens = (sys.argv[1:] if args is None else args)
+            parsed.typed = {self._option_string_actions[t.split("=")[0]].dest for t in map(str, tokens)
+                            if t.split("=")[0] in self._option_string_actions}
+        return parsed
+
 
 def number(kind, low=-math.inf, high=math.inf, open_bounds=False):
     """argparse `type=`: a finite `kind` in [low, high], or in (low, high) with open_bounds."""
@@ -594,23 +602,36 @@ def make_run_dir(args, script):
     return run_dir
 
 
+RESUME_MAY_CHANGE = ("resume", "device", "data_dir", "track", "wandb_project", "wandb_entity")
+
+
 def resume_args(args, script):
     """(the run's own flags, its final.pt or None) to continue --resume RUN (a run folder or a file in it). The flags
-    the run started with win, except --device, --data-dir (when given) and --track. A run of another script gets one
-    UserError; a run that saved no epoch starts over."""
+    the run started with win, except --device, --data-dir (when given) and --track; any other flag typed with a value
+    of its own is refused. A run of another script gets one UserError; a run that saved no epoch starts over."""
     run_dir = Path(args.resume)
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     try:
         saved = json.loads((run_dir / "args.json").read_text())
     except (OSError, ValueError):
-        raise UserError(f"--resume {args.resume}: no run there (no readable {run_dir}/args.json)") from None
+        raise UserError(f"--resume {args.resume}: no run there (no readable {run_dir / 'args.json'})") from None
     if saved.get("script") != script:
         raise UserError(f"--resume {args.resume}: a run of {saved.get('script') or 'another program'}, not {script}")
     checkpoint = load_checkpoint(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
     if checkpoint is None:
         print(f"{run_dir} saved no epoch yet: starting it over with its own flags", flush=True)
-    saved = {**(checkpoint["args"] if checkpoint else saved), "resume": str(run_dir), "out_dir": str(run_dir),
-             "device": args.device, "data_dir": args.data_dir or saved["data_dir"]}
+    saved = checkpoint["args"] if checkpoint else saved
+    for key in sorted(getattr(args, "typed", set()) - set(RESUME_MAY_CHANGE)):  # sweep.py repeats the run's flags
+        value = getattr(args, key)
+        if key == "out_dir" and Path(value).resolve() == run_dir.resolve() or value == saved.get(key, value):
+            continue
+        name = key.replace("_", "-")
+        typed, its = (f"--{'' if v else 'no-'}{name}" if isinstance(v, bool) else f"--{name} {v}"
+                      for v in (value, saved.get(key)))
+        raise UserError(f"--resume {args.resume} continues the run with its own flags ({its}); drop {typed}, or "
+                        "start a new run with it")
+    saved = {**saved, "resume": str(run_dir), "out_dir": str(run_dir), "device": args.device,
+             "data_dir": args.data_dir or saved["data_dir"]}
     if args.track:  # tracking can be switched on when continuing a run: it changes no result
         saved.update(track=True, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
     return argparse.Namespace(**saved), checkpoint

@@ -2,6 +2,7 @@
 bad input, and the copy test."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -220,6 +221,21 @@ def test_resume_of_a_run_that_saved_no_epoch_starts_it_over(tmp_path):
     utils.make_run_dir(args, "train_piat.py")  # what a run killed in its first epoch leaves: its args.json alone
     result = run_script(tp.__file__, "--resume", out)
     assert result.returncode == 0 and "saved no epoch yet: starting it over" in result.stdout, result.stderr
+    assert utils.load_checkpoint(out / "final.pt")["epoch"] == 1
+
+
+def test_resume_refuses_a_flag_the_run_disagrees_with(tmp_path):
+    out = tmp_path / "run"
+    utils.make_run_dir(tp.parse_args([*TINY, "--epochs", "1", "--out-dir", str(out)]), "train_piat.py")
+    before = (out / "args.json").read_bytes()
+    for typed, its in ((["--epochs", "2"], "--epochs 1"), (["--no-piat"], "--piat"),
+                       (["--out-dir", str(tmp_path / "other")], f"--out-dir {out}")):
+        with pytest.raises(utils.UserError, match=re.escape(f"continues the run with its own flags ({its}); drop "
+                                                            f"{' '.join(typed)}, or start a new run with it")):
+            tp.main(["--resume", str(out), *typed])
+    assert sorted(p.name for p in out.iterdir()) == ["args.json"] and (out / "args.json").read_bytes() == before
+    # the run's own values (sweep.py repeats them), --device and its own folder as --out-dir are accepted
+    tp.main(["--resume", str(out), "--epochs", "1", "--device", "cpu", "--out-dir", str(out), "--seed=0"])
     assert utils.load_checkpoint(out / "final.pt")["epoch"] == 1
 
 
