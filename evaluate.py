@@ -389,8 +389,12 @@ def user_model(spec):
         raise utils.UserError(f"--model {spec}: {name}() returned a {type(model).__name__}, not a torch.nn.Module")
 
     def output_classes(x):  # on two test images: logits (2, K), K the data set's classes
-        with torch.no_grad():
-            out = model.eval()(x)
+        try:
+            with torch.no_grad():
+                out = model.eval()(x)
+        except Exception as err:  # e.g. a network for other image sizes: one line, not the user's traceback
+            raise utils.UserError(f"--model {spec}: fails on images of shape {tuple(x.shape)} in [0, 1]: "
+                                  f"{type(err).__name__}: {utils.first_line(err)}") from None
         if not (torch.is_tensor(out) and out.dim() == 2 and out.shape[0] == len(x) and out.is_floating_point()):
             shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise utils.UserError(f"--model {spec}: maps {len(x)} images to {shape}, not logits of shape "

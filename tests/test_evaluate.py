@@ -473,6 +473,10 @@ def images_out():
     return nn.Identity()
 
 
+def for_other_images():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10))
+
+
 def not_a_module():
     return dict(trained().state_dict())
 
@@ -515,6 +519,7 @@ def test_a_random_model_gets_eot_pgd_beside_pgd20(defences):
     ("missing", "defines no missing() to call"),
     ("not_a_module", "not_a_module() returned a dict, not a torch.nn.Module"),
     ("images_out", "maps 2 images to (2, 3, 32, 32), not logits"),
+    ("for_other_images", "fails on images of shape (2, 3, 32, 32) in [0, 1]: RuntimeError: mat1 and mat2 shapes"),
     ("probabilities_of_three", "has 3 outputs but synthetic has 10 classes"),
     ("raises", "ValueError while building it: my own mistake")])
 def test_a_users_model_that_does_not_fit_gets_one_line(defences, name, message):
