@@ -44,9 +44,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         if getattr(parsed, "resume", None):  # which flags were typed: resume_args refuses those the run disagrees with
-            tokens = (sys.argv[1:] if args is None else args)
-            parsed.typed = {self._option_string_actions[t.split("=")[0]].dest for t in map(str, tokens)
-                            if t.split("=")[0] in self._option_string_actions}
+            flags = (str(t).split("=")[0] for t in (sys.argv[1:] if args is None else args))
+            parsed.typed = {self._option_string_actions[f].dest for f in flags if f in self._option_string_actions}
         return parsed
 
 
@@ -602,7 +601,7 @@ def make_run_dir(args, script):
     return run_dir
 
 
-RESUME_MAY_CHANGE = ("resume", "device", "data_dir", "track", "wandb_project", "wandb_entity")
+RESUME_MAY_CHANGE = {"resume", "device", "data_dir", "track", "wandb_project", "wandb_entity"}
 
 
 def resume_args(args, script):
@@ -620,21 +619,21 @@ def resume_args(args, script):
     checkpoint = load_checkpoint(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
     if checkpoint is None:
         print(f"{run_dir} saved no epoch yet: starting it over with its own flags", flush=True)
-    saved = checkpoint["args"] if checkpoint else saved
-    for key in sorted(getattr(args, "typed", set()) - set(RESUME_MAY_CHANGE)):  # sweep.py repeats the run's flags
+    own = checkpoint["args"] if checkpoint else saved
+    for key in sorted(getattr(args, "typed", set()) - RESUME_MAY_CHANGE):  # sweep.py repeats the run's own flags
         value = getattr(args, key)
-        if key == "out_dir" and Path(value).resolve() == run_dir.resolve() or value == saved.get(key, value):
+        if key == "out_dir" and Path(value).resolve() == run_dir.resolve() or value == own.get(key, value):
             continue
         name = key.replace("_", "-")
-        typed, its = (f"--{'' if v else 'no-'}{name}" if isinstance(v, bool) else f"--{name} {v}"
-                      for v in (value, saved.get(key)))
+        typed, its = (f"no --{name}" if v is None else f"--{'' if v else 'no-'}{name}" if isinstance(v, bool) else
+                      f"--{name} {v}" for v in (value, own.get(key)))
         raise UserError(f"--resume {args.resume} continues the run with its own flags ({its}); drop {typed}, or "
                         "start a new run with it")
-    saved = {**saved, "resume": str(run_dir), "out_dir": str(run_dir), "device": args.device,
-             "data_dir": args.data_dir or saved["data_dir"]}
+    own = {**own, "resume": str(run_dir), "out_dir": str(run_dir), "device": args.device,
+           "data_dir": args.data_dir or saved["data_dir"]}
     if args.track:  # tracking can be switched on when continuing a run: it changes no result
-        saved.update(track=True, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
-    return argparse.Namespace(**saved), checkpoint
+        own.update(track=True, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
+    return argparse.Namespace(**own), checkpoint
 
 
 def save_epoch(run_dir, checkpoint, training_state, column, log, last):

@@ -228,7 +228,7 @@ def test_resume_refuses_a_flag_the_run_disagrees_with(tmp_path):
     out = tmp_path / "run"
     utils.make_run_dir(tp.parse_args([*TINY, "--epochs", "1", "--out-dir", str(out)]), "train_piat.py")
     before = (out / "args.json").read_bytes()
-    for typed, its in ((["--epochs", "2"], "--epochs 1"), (["--no-piat"], "--piat"),
+    for typed, its in ((["--epochs", "2"], "--epochs 1"), (["--no-piat"], "--piat"), (["--ema", "0.9"], "no --ema"),
                        (["--out-dir", str(tmp_path / "other")], f"--out-dir {out}")):
         with pytest.raises(utils.UserError, match=re.escape(f"continues the run with its own flags ({its}); drop "
                                                             f"{' '.join(typed)}, or start a new run with it")):
