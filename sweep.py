@@ -15,6 +15,7 @@ retried. On Slurm a job requeues itself when preempted or out of time.
 """
 
 import argparse
+import csv
 import importlib
 import io
 import json
@@ -508,10 +509,28 @@ SIGNIFICANCE = ("Δ vs {0}: accuracy minus {0}'s (points) [95 % interval: paired
                 "0.05; – no per-image results on the same images (an older evaluate.py's: evaluate the run again).")
 
 
+def read_metrics(path):
+    """metrics.csv as a list of {column: int, float, or None for an empty cell}; [] when there is none."""
+
+    def value(text):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except (TypeError, ValueError):
+                pass
+        return None if text in ("", None) else text
+
+    try:
+        with open(path, newline="") as f:
+            return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except OSError:
+        return []
+
+
 def collect(the_plan):
     """{run folder: {"eval": {(role, attack): eval.json's result row}, "metrics": metrics.csv rows}} of every run."""
     return {d: {"eval": {(r["role"], r["attack"]): r for r in read_json(d / "eval.json", {}).get("results", [])},
-                "metrics": utils.read_metrics(d / "metrics.csv")} for d in the_plan.runs}
+                "metrics": read_metrics(d / "metrics.csv")} for d in the_plan.runs}
 
 
 def mean_std(values, text=True):

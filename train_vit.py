@@ -46,7 +46,7 @@ SCRIPT = os.path.basename(__file__)
 LOSSES = ("ce", "nmse", "trades", "mart")
 # The ImageNet checkpoints Mo et al.'s code loads (timm 0.5.4 URLs), under their tags in timm >= 0.9: ViT-B/16 is
 # Google's original (ImageNet-21k pre-training, ImageNet-1k fine-tuning), DeiT-S and ConViT-B are Facebook's
-# ImageNet-1k models. Other timm names get timm's default tag; --model NAME.TAG picks another.
+# ImageNet-1k models: the paper's Table IV. Other timm names get timm's default tag; --model NAME.TAG picks another.
 PRETRAINED_TAGS = {"vit_base_patch16_224": "orig_in21k_ft_in1k", "deit_small_patch16_224": "fb_in1k",
                    "convit_base": "fb_in1k"}
 PAPER_EPOCHS = 40  # the lr milestones and A&P's warm-up are the paper's for 40 epochs; other --epochs scale them
@@ -160,7 +160,7 @@ def parse_args(argv=None):
 
     args.arch, tag = timm.models.split_model_name_tag(args.model)
     if not timm.is_model(args.arch):
-        p.error(f"--model {args.model}: timm has no model {args.arch!r} (the paper's: {', '.join(utils.VIT_ARCHS)})")
+        p.error(f"--model {args.model}: timm has no model {args.arch!r} (the paper's: {', '.join(PRETRAINED_TAGS)})")
     # the Table IV row label evaluate.py shows, e.g. "deit_small_patch16_224: PIAT + TRADES + A&P"
     augment = {(True, True): " + A&P", (True, False): " + ARD", (False, True): " + PRM"}.get((args.ard, args.prm), "")
     loss = {"ce": "PGD-AT", "nmse": "NMSE", "trades": "TRADES", "mart": "MART"}[args.loss]

@@ -123,19 +123,24 @@ def setup_distributed(device_name=None):
 
 def cleanup_distributed():
     """Leave the process group; on the way out of a failed run without the barrier (the others may be gone)."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
 
 
+def distributed():
+    """Whether this process is one of torchrun's, in a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if distributed() else 0
 
 
 def all_reduce_sum_(tensor):
     """Sum `tensor` over the ranks in place (nothing to do in a plain run)."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(tensor)
     return tensor
 
@@ -143,10 +148,9 @@ def all_reduce_sum_(tensor):
 @torch.no_grad()
 def average_buffers_(model):
     """Average the floating-point buffers (BatchNorm statistics) over the ranks: every rank holds the same weights."""
-    if dist.is_available() and dist.is_initialized():
-        for buffer in model.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer.div_(dist.get_world_size()))
+    for buffer in model.buffers() if distributed() else ():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer.div_(dist.get_world_size()))
 
 
 def state_fingerprint(model):
@@ -159,7 +163,7 @@ def state_fingerprint(model):
 
 def check_ranks_agree(**models):
     """At the end of a torchrun run every rank must hold bit-identical weights; rank 0 says that they do."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         prints = [None] * dist.get_world_size()
         dist.all_gather_object(prints, tuple(state_fingerprint(m) for m in models.values()))
         if len(set(prints)) > 1:
@@ -190,18 +194,15 @@ DOWNLOAD_HINTS = {"cifar10": "cifar-10-python.tar.gz from https://www.cs.toronto
 
 
 class ImageData:
-    """A data set: `x_*` uint8 (N, C, H, W), `y_*` int64 (N,); `flip`: whether horizontal flips keep the label."""
+    """A data set: `x_*` uint8 (N, C, H, W), `y_*` int64 (N,); `flip`: whether horizontal flips keep the label;
+    `stats`: the channels' (mean, std), measured on x_train when not given."""
 
-    def __init__(self, x_train, y_train, x_test, y_test, num_classes, mean, std, flip):
+    def __init__(self, x_train, y_train, x_test, y_test, num_classes, flip=True, stats=None):
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
-        self.num_classes, self.flip = num_classes, flip
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.image_shape = tuple(x_train.shape[1:])
-
-
-def channel_stats(x_uint8):
-    x = x_uint8.float().div_(255)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        self.num_classes, self.flip, self.image_shape = num_classes, flip, tuple(x_train.shape[1:])
+        x = to_float(x_train) if stats is None else None
+        mean, std = stats or (x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist())
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
 
 
 @functools.lru_cache(maxsize=1)  # made once per process: the notebook's quick mode and the tests ask often
@@ -249,7 +250,7 @@ def load_torchvision(name, root):
             shutil.rmtree(root, ignore_errors=True)  # the failed download's empty folders
         raise UserError(f"{name} is not in {root} and could not be downloaded ({type(err).__name__}: {err}). Put "
                         f"{DOWNLOAD_HINTS[name]} into {root}, or use --dataset imagefolder with a local copy") from None
-    return ImageData(*splits, 100 if name == "cifar100" else 10, *CHANNEL_STATS[name], flip=name != "svhn")
+    return ImageData(*splits, 100 if name == "cifar100" else 10, flip=name != "svhn", stats=CHANNEL_STATS[name])
 
 
 def load_image_folder(root, image_size=None):
@@ -284,14 +285,13 @@ def load_image_folder(root, image_size=None):
     if x_train.shape[1:] != x_test.shape[1:]:
         raise UserError(f"the images in {root}/train are {tuple(x_train.shape[1:])} but those in {root}/test "
                         f"{tuple(x_test.shape[1:])}; pass --image-size")
-    return ImageData(x_train, y_train, x_test, y_test, len(classes), *channel_stats(x_train), flip=True)
+    return ImageData(x_train, y_train, x_test, y_test, len(classes))
 
 
 def load_dataset(name, data_dir, image_size=None):
     """The data set `name`; one UserError when it cannot be had, or holds fewer than two classes."""
     if name == "synthetic":
-        x_train, y_train, x_test, y_test = (t.clone() for t in synthetic_images())
-        data = ImageData(x_train, y_train, x_test, y_test, 10, *channel_stats(x_train), flip=True)
+        data = ImageData(*(t.clone() for t in synthetic_images()), num_classes=10)
     elif name == "imagefolder":
         data = load_image_folder(data_dir, image_size)
     elif name in DATASETS:
@@ -375,7 +375,6 @@ def progress(iterable, **kwargs):
 # the layout of the models robustness code publishes (TRADES, MART, AutoAttack's examples)
 
 ARCHS = ("resnet18", "wrn-32-10", "small-cnn")
-VIT_ARCHS = ("vit_base_patch16_224", "deit_small_patch16_224", "convit_base")  # the paper's Table IV (timm)
 
 
 class Normalize(nn.Module):
@@ -702,24 +701,6 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def read_metrics(path):
-    """metrics.csv as a list of {column: int, float, or None for an empty cell}; [] when there is none."""
-
-    def value(text):
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except (TypeError, ValueError):
-                pass
-        return None if text in ("", None) else text
-
-    try:
-        with open(path, newline="") as f:
-            return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except OSError:
-        return []
 
 
 def plot_curves(metrics, path, title=""):

@@ -69,8 +69,7 @@ def parse_args(argv=None):
 
 def bench_data(train_size, test_size):
     """utils.synthetic_images as an ImageData of train_size training and test_size test images."""
-    x_train, y_train, x_test, y_test = utils.synthetic_images(train_size=train_size, test_size=test_size)
-    return utils.ImageData(x_train, y_train, x_test, y_test, 10, *utils.channel_stats(x_train), flip=True)
+    return utils.ImageData(*utils.synthetic_images(train_size=train_size, test_size=test_size), num_classes=10)
 
 
 # === The training steps: step(i) runs batch i; each variant also returns its settings

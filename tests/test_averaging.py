@@ -12,6 +12,7 @@ import torch.nn as nn
 import evaluate as ev
 import train_piat as tp
 import utils
+from sweep import read_metrics
 from conftest import TINY, kill_after_first_checkpoint, run_script
 
 
@@ -50,7 +51,7 @@ def test_ema_after_k_steps_is_its_closed_form():
 
 def test_ema_run_reports_the_average_and_logs_the_trained_weights(tmp_path):
     out = run(tmp_path, "--epochs", "2", "--ema", "0.9", "--no-piat", "--loss", "ce")
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     final = utils.load_checkpoint(out / "final.pt")
     assert final["weights"] == "ema" and utils.load_checkpoint(out / "best.pt")["weights"] == "ema"
     assert final["resume"]["average"]["n_averaged"] == 6  # 96 images in batches of 32, two epochs: every step
@@ -98,7 +99,7 @@ def test_swa_is_the_mean_of_the_end_of_epoch_weights_with_recomputed_batchnorm(t
         if "running" in name:
             assert torch.allclose(buffer, model.get_buffer(name), atol=1e-5), name
             assert not torch.allclose(buffer, epoch_weights[-1][name], atol=1e-3), name  # not the trained ones
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert rows[0]["test_clean_acc"] == rows[0]["raw_test_clean_acc"]  # before --swa-start: the trained weights
     method = ev.method_name(final)
     assert method == "PIAT + SWA"
@@ -110,7 +111,7 @@ def test_piat_every_one_epoch_is_the_papers_piat_exactly(tmp_path):
     a, b = utils.load_checkpoint(per_epoch / "final.pt"), utils.load_checkpoint(every / "final.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    assert [r["alpha"] for r in utils.read_metrics(every / "metrics.csv")] == pytest.approx([0.1, 2 / 11, 3 / 12])
+    assert [r["alpha"] for r in read_metrics(every / "metrics.csv")] == pytest.approx([0.1, 2 / 11, 3 / 12])
     # N = 1: an interpolation after every step, alpha at the fractional epoch t = step / steps - 1
     seen = []
     real = tp.piat_alpha
@@ -170,7 +171,7 @@ def test_an_average_only_observes_the_same_seeds_training(tmp_path, loss, plain,
     its own, seeded per epoch); the final trained weights are bit-identical."""
     common = ["--loss", loss, "--epochs", "3", "--no-amp", "--cfa-fawa-start", "1", "--cfa-begin", "1"]
     a, b = run(tmp_path, *common, *plain, name="plain"), run(tmp_path, *common, *averaged, name="averaged")
-    rows_a, rows_b = utils.read_metrics(a / "metrics.csv"), utils.read_metrics(b / "metrics.csv")
+    rows_a, rows_b = read_metrics(a / "metrics.csv"), read_metrics(b / "metrics.csv")
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert {c: ra[c] for c in TRAINING_COLUMNS} == {c: rb[c] for c in TRAINING_COLUMNS}
         raw = {c: rb[f"raw_{c}"] for c in tp.EVAL_COLUMNS if rb.get(f"raw_{c}") is not None}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import train_piat as tp
 import utils
+from sweep import read_metrics
 from conftest import TINY, kill_after_first_checkpoint, run_script
 
 
@@ -257,7 +258,7 @@ def test_killed_run_resumes_to_the_same_state(tmp_path, loss, extra):
         accuracies = [[m["train_class_robust_acc"] for m in ck["metrics"]] for ck in (a, b)]
         assert accuracies[0] == accuracies[1]
         assert [m["fawa_updated"] for m in a["metrics"]] == [1, 1, 1]
-    rows = utils.read_metrics(killed / "metrics.csv")
+    rows = read_metrics(killed / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert 0 <= r["test_worst_pgd20_acc"] <= r["test_pgd20_acc"] <= 1

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import evaluate as ev
 import train_piat
 import utils
+from sweep import read_metrics
 from conftest import TINY, one_line_error, run_script
 
 CPU = ["--device", "cpu"]
@@ -187,7 +188,7 @@ def test_train_piat_run_folder_rebuilds_its_model_and_data(tmp_path):
     run = tmp_path / "run"
     train_piat.main([*TINY, "--epochs", "2", "--out-dir", str(run)])
     rows = rows_by(ev.main([str(run), "--attacks", "clean", "--n-examples", "32", *CPU])["rows"], "role")
-    metrics = utils.read_metrics(run / "metrics.csv")
+    metrics = read_metrics(run / "metrics.csv")
     best_epoch = max(metrics, key=lambda m: m["test_pgd20_acc"])["epoch"]
     assert rows["final"]["accuracy"] == pytest.approx(metrics[-1]["test_clean_acc"], abs=1e-6)
     assert rows["best"]["accuracy"] == pytest.approx(metrics[best_epoch - 1]["test_clean_acc"], abs=1e-6)

@@ -24,6 +24,7 @@ import train_piat as tp
 import train_rdat as tr
 import train_vit as tv
 import utils
+from sweep import read_metrics
 from conftest import TINY, run_script
 
 SCRIPTS = {"train_piat.py": tp.__file__, "train_vit.py": tv.__file__, "train_rdat.py": tr.__file__,
@@ -188,7 +189,7 @@ def test_a_diverged_run_keeps_its_last_finite_checkpoints_and_says_so(folders, t
     for name in ("final.pt", "best.pt"):
         checkpoint = utils.load_checkpoint(run / name)
         assert checkpoint["epoch"] == 1 and weights_are_finite(checkpoint), name
-    assert [r["epoch"] for r in utils.read_metrics(run / "metrics.csv")] == [1]
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1]
     # evaluate.py measures it (into a copy: the folder stays as it was), with one line of warning
     copy = tmp_path / "diverged"
     shutil.copytree(run, copy)
@@ -227,7 +228,7 @@ def test_a_nan_loss_stops_every_training_script_before_it_saves(script, tmp_path
     for name in ("final.pt", "best.pt"):
         checkpoint = utils.load_checkpoint(out / name)
         assert checkpoint["epoch"] == 1 and weights_are_finite(checkpoint), name
-    assert len(utils.read_metrics(out / "metrics.csv")) == 1
+    assert len(read_metrics(out / "metrics.csv")) == 1
 
 
 def test_weights_that_turn_non_finite_are_never_saved(tmp_path, monkeypatch):
@@ -246,7 +247,7 @@ def test_weights_that_turn_non_finite_are_never_saved(tmp_path, monkeypatch):
     with pytest.raises(utils.Diverged, match="linear.bias of the model is not finite at the end of epoch 2; best.pt "
                                              "and final.pt keep epoch 1"):
         tp.main([*ONE_STEP, "--epochs", "3", "--out-dir", str(out)])
-    assert utils.load_checkpoint(out / "final.pt")["epoch"] == 1 and len(utils.read_metrics(out / "metrics.csv")) == 1
+    assert utils.load_checkpoint(out / "final.pt")["epoch"] == 1 and len(read_metrics(out / "metrics.csv")) == 1
 
 
 def test_check_finite_names_the_loss_and_counts_from_one():
@@ -270,14 +271,34 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+# train_piat.py as a user starts it, except that the first step of epoch 2 leaves a mark and waits 3 s: epoch 1's
+# stop check has passed by then, so signals sent on the mark land in epoch 2 however loaded the machine is.
+PAUSE_IN_EPOCH_2 = """
+import os, runpy, sys, time
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import utils
+real_batches = utils.epoch_batches
+def epoch_batches(x, y, args, epoch, *more):
+    for i, batch in enumerate(real_batches(x, y, args, epoch, *more)):
+        if (epoch, i) == (1, 0):
+            open(os.environ["EPOCH_2_MARK"], "w").close()
+            time.sleep(3)
+        yield batch
+utils.epoch_batches = epoch_batches
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def start_and_signal(run, signums):
-    """Start train_piat.py as a user would and send `signums`, one after another, once its first final.pt exists
-    (in its second epoch). SIGINT as in a terminal, even where the suite itself runs in the background."""
-    proc = subprocess.Popen([sys.executable, tp.__file__, *SIGNAL_RUN, "--out-dir", str(run)],
+    """Start train_piat.py and send `signums`, one after another, in its second epoch. SIGINT as in a terminal, even
+    where the suite itself runs in the background."""
+    mark = run.parent / "epoch_2.mark"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_EPOCH_2, tp.__file__, *SIGNAL_RUN, "--out-dir", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"},
+                            env={**os.environ, "TQDM_DISABLE": "1", "EPOCH_2_MARK": str(mark)},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    while not (run / "final.pt").exists() and proc.poll() is None:
+    while not mark.exists() and proc.poll() is None:
         time.sleep(0.02)
     for signum in signums:
         proc.send_signal(signum)
@@ -300,7 +321,7 @@ def test_a_stop_signal_ends_the_run_after_the_epoch_with_the_command_that_resume
                                                          "continue from the last saved epoch with: "), lines
     assert lines[:-1] == [f"{name}: stopping once this epoch is saved (again to stop at once)"]
     assert utils.load_checkpoint(run / "final.pt")["epoch"] == 2
-    assert [r["epoch"] for r in utils.read_metrics(run / "metrics.csv")] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1, 2]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn as the run stops
     command = shlex.split(lines[-1].split("continue from the last saved epoch with: ", 1)[1])
     assert command == ["python", tp.__file__, "--resume", str(run)]
@@ -308,8 +329,8 @@ def test_a_stop_signal_ends_the_run_after_the_epoch_with_the_command_that_resume
     a, b = utils.load_checkpoint(uninterrupted / "final.pt"), utils.load_checkpoint(run / "final.pt")
     assert b["epoch"] == 3 and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     columns = ("epoch", "lr", "alpha", "train_loss", "test_clean_acc", "test_pgd20_acc")
-    assert [{c: r[c] for c in columns} for r in utils.read_metrics(run / "metrics.csv")] == \
-        [{c: r[c] for c in columns} for r in utils.read_metrics(uninterrupted / "metrics.csv")]
+    assert [{c: r[c] for c in columns} for r in read_metrics(run / "metrics.csv")] == \
+        [{c: r[c] for c in columns} for r in read_metrics(uninterrupted / "metrics.csv")]
 
 
 def test_a_second_signal_stops_at_once_and_final_pt_keeps_the_last_saved_epoch(tmp_path):

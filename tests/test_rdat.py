@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import train_rdat as tr
 import utils
+from sweep import read_metrics
 from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "tensorboard"]
@@ -144,7 +145,7 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     monkeypatch.setattr(tr, "ema_update_", lambda e, m, d: emas.append(d) or real_ema(e, m, d))
     out = run(tmp_path, "--epochs", "2", "--redistribute-mode", "off", "--eval-robust-learner")
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert list(rows[0]) == tr.METRIC_FIELDS and [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 <= r["test_pgd20_acc"] <= r["test_clean_acc"] <= 1 and r["redistributed"] == 0 and r["alpha"] == 0
@@ -208,7 +209,7 @@ def test_redistribution_copies_the_global_learner_into_both_learners(tmp_path, m
 
     monkeypatch.setattr(tr, "redistribute_", spy)
     out = run(tmp_path, "--epochs", "2", "--redistribute-from", "2", "--redistribute-mode", mode)
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert [r["redistributed"] for r in rows] == [0, 1] and len(calls) == copies
     final = utils.load_checkpoint(out / "final.pt")
     for learner in ("robust", "natural"):  # the copy is the last thing the epoch does
@@ -231,7 +232,7 @@ def test_lam_zero_is_generalist_and_amp_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "trades_kl", lambda *a: pytest.fail("KL computed with --lam 0"))
     out = run(tmp_path, "--epochs", "1", "--lam", "0", "--amp")
     assert seen and set(seen) == {(True, torch.float32)}
-    row = utils.read_metrics(out / "metrics.csv")[0]
+    row = read_metrics(out / "metrics.csv")[0]
     assert 0 < row["train_loss"] < 10
     args = utils.load_checkpoint(out / "final.pt")["args"]
     assert args["method"] == "Generalist" and args["amp"] is True
@@ -248,7 +249,7 @@ def test_piat_interpolates_the_robust_learner(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tr, "interpolate_", spy)
     out = run(tmp_path, "--epochs", "2", "--piat", "--redistribute-mode", "off")
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert [r["alpha"] for r in rows] == pytest.approx([0.1, 2 / 11], abs=1e-6)
     assert [s[3] for s in seen] == pytest.approx([0.1, 2 / 11])
     (_, _, after_0, _), (before_1, prev_1, after_1, alpha_1) = seen
@@ -288,7 +289,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     for part in ("robust_optimizer", "natural_optimizer"):  # the momentum buffers too
         for index, buffers in a["resume"][part]["state"].items():
             assert torch.equal(buffers["momentum_buffer"], b["resume"][part]["state"][index]["momentum_buffer"])
-    rows_a, rows_b = utils.read_metrics(whole / "metrics.csv"), utils.read_metrics(killed / "metrics.csv")
+    rows_a, rows_b = read_metrics(whole / "metrics.csv"), read_metrics(killed / "metrics.csv")
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4] and [r["redistributed"] for r in rows_a] == [0, 0, 1, 1]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("lr", "alpha", "beta", "train_loss", "natural_loss", "test_clean_acc", "test_pgd20_acc"):
@@ -305,7 +306,7 @@ def test_copied_script_runs_alone_and_evaluate_py_loads_its_run(tmp_path, root):
     assert out.name.startswith("synthetic__train_rdat__0__") and sorted(p.name for p in out.iterdir()) == OUTPUTS
     if not (root / "evaluate.py").exists():
         pytest.skip("evaluate.py is not there yet")
-    logged = utils.read_metrics(out / "metrics.csv")[0]
+    logged = read_metrics(out / "metrics.csv")[0]
     result = run_script(root / "evaluate.py", out, "--attacks", "clean,pgd20", "--n-examples", "16", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     rows = {(r["role"], r["attack"]): r for r in json.loads((out / "eval.json").read_text())["results"]}
@@ -323,7 +324,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_global_learners(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("global_learner, robust_learner, natural_learner: identical on all 2 ranks") == 1
     assert {p.name for p in out.iterdir()} == set(OUTPUTS)
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2] and [r["redistributed"] for r in rows] == [1, 1]
     for a in [r["test_clean_acc"] for r in rows] + [r["test_pgd20_acc"] for r in rows]:
         assert abs(a * 33 - round(a * 33)) < 1e-3  # both ranks' counts summed over the 33 images

@@ -14,6 +14,7 @@ import train_piat as tp
 import train_rdat as tr
 import train_vit as tv
 import utils
+from sweep import read_metrics
 from conftest import ROOT, TINY, kill_after_first_checkpoint, run_script
 
 CPU = torch.device("cpu")
@@ -39,7 +40,7 @@ def test_amp_paths_run(tmp_path, monkeypatch, amp):
     out = tmp_path / "run"
     tp.main([*TINY, "--epochs", "1", amp, "--out-dir", str(out)])
     assert autocast_seen and set(autocast_seen) == {amp == "--amp"}
-    row = utils.read_metrics(out / "metrics.csv")[0]
+    row = read_metrics(out / "metrics.csv")[0]
     assert 0 < row["train_loss"] < 10 and 0 <= row["test_pgd20_acc"] <= row["test_clean_acc"] <= 1
     assert utils.load_checkpoint(out / "final.pt")["args"]["amp"] is (amp == "--amp")
 
@@ -103,7 +104,7 @@ def test_bf16_run_resumes_bit_identically(tmp_path):
     assert b["epoch"] == 2 and a["args"]["amp"] is b["args"]["amp"] is True
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    rows_a, rows_b = utils.read_metrics(whole / "metrics.csv"), utils.read_metrics(killed / "metrics.csv")
+    rows_a, rows_b = read_metrics(whole / "metrics.csv"), read_metrics(killed / "metrics.csv")
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("lr", "alpha", "train_loss", "train_robust_acc", "test_clean_acc", "test_pgd20_acc"):
@@ -159,7 +160,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
     assert result.stdout.count("done: best") == 1
     assert {p.name for p in out.iterdir()} == {"args.json", "metrics.csv", "best.pt", "final.pt", "curves.png",
                                                "tensorboard"}
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     # the 33 test images are split 17/16 between the ranks and the counts summed: accuracies are
     # multiples of 1/33, which a rank's own 17 or 16 images could not give (except 0 and 1)

@@ -18,6 +18,7 @@ import pytest
 import evaluate
 import sweep
 import utils
+from sweep import read_metrics
 from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 EPOCHS = 4
@@ -233,7 +234,7 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
     log = Path(record["stdout"]).read_text()
     assert f"--resume {preempted}" in log, log
     assert [log.count(f"epoch {epoch:3d}  lr") for epoch in range(1, EPOCHS + 1)] == [1] * EPOCHS, log  # none twice
-    assert [r["epoch"] for r in utils.read_metrics(preempted / "metrics.csv")] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in read_metrics(preempted / "metrics.csv")] == list(range(1, EPOCHS + 1))
 
     # the same command again continues the killed run and leaves the finished ones alone
     finished = [p for p in sweep_dir.glob("synthetic/*/seed*") if p != killed]
@@ -244,7 +245,7 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
     assert out.count("run 1/1: ") == 1 and f"run 1/1: {key(killed)} (epoch " in out, out
     assert "continues with --resume" in out and "1 run(s) finished, 0 failed" in out, out
     assert {p: ((p / "final.pt").stat().st_mtime_ns, (p / "eval.json").stat().st_mtime_ns) for p in finished} == stamps
-    assert [r["epoch"] for r in utils.read_metrics(killed / "metrics.csv")] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in read_metrics(killed / "metrics.csv")] == list(range(1, EPOCHS + 1))
     assert utils.load_checkpoint(killed / "final.pt")["epoch"] == EPOCHS
     assert sweep.main([*argv, "--status"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "4 runs: 4 done, 0 running, 0 failed, 0 to do"
@@ -426,7 +427,7 @@ def test_tensorboard_and_offline_wandb_hold_metrics_csv_across_a_resume(tmp_path
     assert 1 <= trained < 3
     resumed = run_script(root / "train_piat.py", "--resume", run_dir)
     assert resumed.returncode == 0, resumed.stderr
-    rows = utils.read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     # TensorBoard: every metrics.csv column but the epoch (the step), each epoch once despite the kill
     scalars = read_scalars(run_dir / "tensorboard")

@@ -10,6 +10,7 @@ import torch
 
 import train_piat as tp
 import utils
+from sweep import read_metrics
 from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
 
 
@@ -25,7 +26,7 @@ def run(tmp_path, *extra, name="run"):
 def test_two_epochs_write_every_output_and_learn(tmp_path):
     out = run(tmp_path, "--epochs", "2", "--train-size", "1024", "--eval-size", "256")
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     for column in tp.METRIC_FIELDS[:8] + ["epoch_seconds", "images_per_second"]:
         assert all(isinstance(r[column], (int, float)) for r in rows), column
@@ -63,7 +64,7 @@ def test_piat_off_leaves_weights_uninterpolated(tmp_path, monkeypatch):
     monkeypatch.setattr(tp, "interpolate_", lambda *a: called.append(a))
     out = run(tmp_path, "--epochs", "2", "--no-piat")
     assert not called
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert [r["alpha"] for r in rows] == [0, 0]
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
 
@@ -94,7 +95,7 @@ def test_piat_interpolates_with_the_previous_epochs_weights(tmp_path, monkeypatc
 @pytest.mark.parametrize("piat", ["--piat", "--no-piat"])
 def test_every_loss_with_and_without_piat(tmp_path, loss, piat):
     out = run(tmp_path, "--epochs", "1", "--loss", loss, piat, "--mail-burn-in", "0")
-    row = utils.read_metrics(out / "metrics.csv")[0]
+    row = read_metrics(out / "metrics.csv")[0]
     assert row["train_loss"] == row["train_loss"] and row["train_loss"] > 0  # finite, positive
     assert row["alpha"] == (0.1 if piat == "--piat" else 0)
     assert utils.load_checkpoint(out / "final.pt")["args"]["loss"] == loss
@@ -102,7 +103,7 @@ def test_every_loss_with_and_without_piat(tmp_path, loss, piat):
 
 def test_val_split_selects_best_on_held_out_images(tmp_path):
     out = run(tmp_path, "--epochs", "2", "--val-size", "64")
-    rows = utils.read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert all(0 <= r["val_pgd20_acc"] <= 1 for r in rows)
     best_epoch = max(rows, key=lambda r: r["val_pgd20_acc"])["epoch"]
     assert utils.load_checkpoint(out / "best.pt")["epoch"] == best_epoch
@@ -113,8 +114,7 @@ def test_image_folder_dataset(tmp_path, monkeypatch):
 
     x_train, y_train, x_test, y_test = utils.synthetic_images()
     keep_train, keep_test = (y_train < 3).nonzero()[:60, 0], (y_test < 3).nonzero()[:30, 0]
-    data = utils.ImageData(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test], 3,
-                           (0.5,) * 3, (0.25,) * 3, True)
+    data = utils.ImageData(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test], 3)
     for split, xs, ys in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         for i, (x, y) in enumerate(zip(xs, ys)):
             folder = tmp_path / "images" / split / f"class_{int(y)}"
@@ -149,14 +149,14 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     killed = tmp_path / "killed"
     stopped_after = kill_after_first_checkpoint(tp.__file__, RESUME_RUN, killed)
     assert stopped_after < 4, "the run finished before it could be killed; make RESUME_RUN longer"
-    assert len(utils.read_metrics(killed / "metrics.csv")) <= stopped_after + 1
+    assert len(read_metrics(killed / "metrics.csv")) <= stopped_after + 1
     result = run_script(tp.__file__, "--resume", killed)
     assert result.returncode == 0, result.stderr
     a, b = utils.load_checkpoint(whole / "final.pt"), utils.load_checkpoint(killed / "final.pt")
     assert b["epoch"] == 4
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    rows_a, rows_b = utils.read_metrics(whole / "metrics.csv"), utils.read_metrics(killed / "metrics.csv")
+    rows_a, rows_b = read_metrics(whole / "metrics.csv"), read_metrics(killed / "metrics.csv")
     assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("lr", "alpha", "train_loss", "test_clean_acc", "test_pgd20_acc"):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import train_piat as tp
 import train_vit as tv
 import utils
+from sweep import read_metrics
 from conftest import one_line_error, run_script
 
 TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -319,7 +320,7 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     out = tmp_path / "run"
     tv.main([*TINY_VIT, "--epochs", "1", "--ard", "--prm", "--piat", "--out-dir", str(out)])
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
-    (row,) = utils.read_metrics(out / "metrics.csv")
+    (row,) = read_metrics(out / "metrics.csv")
     # train_piat.py's columns, without those of its weight averages
     assert list(row) == tv.METRIC_FIELDS == [c for c in tp.METRIC_FIELDS if not c.startswith("raw_") and
                                              c != "fawa_updated"]
@@ -376,8 +377,8 @@ def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch
     assert b["epoch"] == 2
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    assert [r["train_loss"] for r in utils.read_metrics(whole / "metrics.csv")] == \
-        [r["train_loss"] for r in utils.read_metrics(killed / "metrics.csv")]
+    assert [r["train_loss"] for r in read_metrics(whole / "metrics.csv")] == \
+        [r["train_loss"] for r in read_metrics(killed / "metrics.csv")]
 
 
 def test_amp_runs_the_attack_and_training_in_bf16_and_the_losses_in_fp32(tmp_path, monkeypatch):
@@ -403,7 +404,7 @@ def test_amp_runs_the_attack_and_training_in_bf16_and_the_losses_in_fp32(tmp_pat
     tv.main([*TINY_VIT, "--epochs", "1", "--amp", "--ard", "--prm", "--loss", "nmse", "--out-dir", str(out)])
     assert attack == [True, True]  # two steps, each attacked under autocast
     assert losses == [(True, torch.float32, torch.float32)] * 2 and checked == [torch.float32] * 2
-    row = utils.read_metrics(out / "metrics.csv")[0]
+    row = read_metrics(out / "metrics.csv")[0]
     assert 0 < row["train_loss"] < 20 and utils.load_checkpoint(out / "final.pt")["args"]["amp"] is True
 
 
@@ -416,7 +417,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("weights: identical on all 2 ranks") == 1
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
-    (row,) = utils.read_metrics(out / "metrics.csv")
+    (row,) = read_metrics(out / "metrics.csv")
     assert abs(row["test_clean_acc"] * 33 - round(row["test_clean_acc"] * 33)) < 1e-3  # counts summed over ranks
 
 
