@@ -148,9 +148,10 @@ def all_reduce_sum_(tensor):
 @torch.no_grad()
 def average_buffers_(model):
     """Average the floating-point buffers (BatchNorm statistics) over the ranks: every rank holds the same weights."""
-    for buffer in model.buffers() if distributed() else ():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer.div_(dist.get_world_size()))
+    if distributed():
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer.div_(dist.get_world_size()))
 
 
 def state_fingerprint(model):
@@ -200,9 +201,10 @@ class ImageData:
     def __init__(self, x_train, y_train, x_test, y_test, num_classes, flip=True, stats=None):
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
         self.num_classes, self.flip, self.image_shape = num_classes, flip, tuple(x_train.shape[1:])
-        x = to_float(x_train) if stats is None else None
-        mean, std = stats or (x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist())
-        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+        if stats is None:
+            x = to_float(x_train)
+            stats = (x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist())
+        self.mean, self.std = (tuple(float(v) for v in s) for s in stats)
 
 
 @functools.lru_cache(maxsize=1)  # made once per process: the notebook's quick mode and the tests ask often
