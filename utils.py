@@ -44,8 +44,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         if getattr(parsed, "resume", None):  # which flags were typed: resume_args refuses those the run disagrees with
-            flags = (str(t).split("=")[0] for t in (sys.argv[1:] if args is None else args))
-            parsed.typed = {self._option_string_actions[f].dest for f in flags if f in self._option_string_actions}
+            unset = object()  # parsed again with every flag unset: what is set now was typed (abbreviated, or =value)
+            again, _ = super().parse_known_args(args, argparse.Namespace(**{a.dest: unset for a in self._actions}))
+            parsed.typed = {dest for dest, value in vars(again).items() if value is not unset}
         return parsed
 
 

@@ -233,6 +233,8 @@ def test_resume_refuses_a_flag_the_run_disagrees_with(tmp_path):
         with pytest.raises(utils.UserError, match=re.escape(f"continues the run with its own flags ({its}); drop "
                                                             f"{' '.join(typed)}, or start a new run with it")):
             tp.main(["--resume", str(out), *typed])
+    with pytest.raises(utils.UserError, match=re.escape("(--epochs 1); drop --epochs 2")):  # abbreviated as well
+        tp.main(["--resume", str(out), "--epoch", "2"])
     assert sorted(p.name for p in out.iterdir()) == ["args.json"] and (out / "args.json").read_bytes() == before
     # the run's own values (sweep.py repeats them), --device and its own folder as --out-dir are accepted
     tp.main(["--resume", str(out), "--epochs", "1", "--device", "cpu", "--out-dir", str(out), "--seed=0"])
