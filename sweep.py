@@ -72,6 +72,10 @@ PROFILES = {
               "lambdas": [1, 4, 8], "fixed_alphas": [0.3, 0.9],
               "vit_models": ["vit_tiny_patch16_224"], "vit_losses": ["ce"], "rdat": ["RDAT"], "ema_decay": 0.8},
 }
+# the paper's grids with small-cnn on a CPU: AutoAttack's two gradient attacks (APGD-CE, APGD-T), and an EMA whose
+# horizon (1 / (1 - decay) = 50 steps) is about three epochs of a few thousand images, as 0.999 is on CIFAR-10
+PROFILES["cpu"] = {**PROFILES["paper"], "cnn": ["--arch", "small-cnn"], "wrn": ["--arch", "small-cnn"],
+                   "aa": ["--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t"], "ema_decay": 0.98}
 PIAT_LOSSES = ["ce", "alp", "trades", "mart", "mail", "nmse"]  # Fig. 6; Table III has all but NMSE
 TABLE_I = [(loss, False) for loss in ("ce", "alp", "trades", "mart", "mail", "cfa", "rat")] + [("nmse", True)]
 VIT_VARIANTS = {"plain": ["--no-piat"], "A&P": ["--no-piat", "--ard", "--prm"],
@@ -79,7 +83,9 @@ VIT_VARIANTS = {"plain": ["--no-piat"], "A&P": ["--no-piat", "--ard", "--prm"],
 RUN_SUFFIXES = {"--lam": "-lam{}", "--alpha-fixed": "-alpha{}", "--ema": "-ema", "--swa-start": "-swa"}  # run names
 RDAT_VARIANTS = {"RDAT": ("rdat", ()), "Generalist (RDAT, λ = 0)": ("generalist", ("--lam", "0")),
                  "RDAT + PIAT": ("rdat-piat", ("--piat",))}
-Step = namedtuple("Step", "attacks flags landscape", defaults=((), False))  # an evaluate.py call on best/final.pt
+# an evaluate.py call on best/final.pt of the run folder, or of its view: "trained", the weights a run with a weight
+# average trained (train_piat.py's RUN/trained, the same run without the average)
+Step = namedtuple("Step", "attacks flags landscape view", defaults=((), False, ""))
 
 
 def label(loss, piat):
@@ -90,8 +96,10 @@ def label(loss, piat):
 def piat_run(P, arch, loss, piat, *more):
     """(run name, script, flags) of a train_piat.py run; the `more` flags (pairs) add their RUN_SUFFIXES."""
     prefix = "wrn-" if arch == "wrn" and P["wrn"] != P["cnn"] else ""  # WRN-32-10 runs, where they differ
+    view = more[-1] if len(more) % 2 else ""  # "/trained": the run's trained weights (a view, not a run)
+    more = more[:-1] if view else more
     suffix = "".join(RUN_SUFFIXES[flag].format(value) for flag, value in zip(more[::2], more[1::2]))
-    return (f"{prefix}{loss}-{'piat' if piat else 'nopiat'}{suffix}", "train_piat.py",
+    return (f"{prefix}{loss}-{'piat' if piat else 'nopiat'}{suffix}{view}", "train_piat.py",
             (*P[arch], "--loss", loss, "--piat" if piat else "--no-piat", *more))
 
 
@@ -142,6 +150,13 @@ GRIDS = {
             ("PGD-AT + SWA", False, ("--swa-start", str(3 * script_flags(
                 "train_piat.py", [*P["cnn"], *extra], "the averaging grid")["epochs"] // 4))),
             ("PIAT", True, ()), ("PIAT + EMA", True, ("--ema", f"{P['ema_decay']:g}")))]),
+    "ema": (["cifar10"], lambda P, extra: [  # not in the paper: is PIAT more than an EMA of the weights?
+        (name, *piat_run(P, "cnn", loss, piat, *more), measured(P, "clean", "pgd20", "cw20", aa=True))
+        for name, loss, piat, more in (  # RUN/trained: the run's trained weights, the same run without its EMA
+            ("PGD-AT", "ce", False, ("--ema", f"{P['ema_decay']:g}", "/trained")),
+            ("PGD-AT + EMA", "ce", False, ("--ema", f"{P['ema_decay']:g}")), ("PIAT", "ce", True, ()),
+            ("PIAT + NMSE", "nmse", True, ("--ema", f"{P['ema_decay']:g}", "/trained")),
+            ("PIAT + NMSE + EMA", "nmse", True, ("--ema", f"{P['ema_decay']:g}")))]),
 }
 ALIASES = {"paper": ["table1", "table2", "table3", "table4", "table5", "fig6", "fig7", "fig9", "rdat"]}
 
@@ -165,6 +180,8 @@ def plan(grids, profile="paper", datasets=None, seeds=1, extra=(), sweep_dir="ru
         for dataset in datasets or P["datasets"] or grid_datasets:
             table = result.tables.setdefault((grid, dataset), {})
             for row_label, name, script, flags, steps in rows(P, list(extra)):
+                name, _, view = name.partition("/")  # RUN/trained: a view of RUN, evaluated in its own folder
+                steps = tuple(step._replace(view=view) for step in steps)
                 for seed in range(seeds):
                     run = Run(dataset, name, seed, script, ("--dataset", dataset, *P["data"], *flags, *extra),
                               sweep_dir / dataset / name / f"seed{seed}", steps)
@@ -172,7 +189,7 @@ def plan(grids, profile="paper", datasets=None, seeds=1, extra=(), sweep_dir="ru
                     if known and known[:5] != run[:5]:
                         raise ValueError(f"two grids define {run.key} differently: {known.flags} and {run.flags}")
                     result.runs[run.run_dir] = run._replace(steps=known.steps + steps) if known else run
-                    table.setdefault(row_label, []).append(run.run_dir)
+                    table.setdefault(row_label, []).append(run.run_dir / view)
     for run_dir, run in result.runs.items():
         result.runs[run_dir] = run._replace(steps=evaluations(run.steps, attacks, n_examples))
     return result
@@ -186,10 +203,11 @@ def evaluations(steps, attacks, n_examples):
         if n_examples:
             at = flags.index("--n-examples") if "--n-examples" in flags else len(flags)
             flags = flags[:at] + flags[at + 2:] + ("--n-examples", str(n_examples))
+        key = flags, step.landscape, step.view
         wanted = {a for a in step.attacks if attacks is None or a in attacks} | set(
-            merged[flags, step.landscape].attacks if (flags, step.landscape) in merged else ())
+            merged[key].attacks if key in merged else ())
         if wanted or (step.landscape and "landscape" in (attacks or ["landscape"])):
-            merged[flags, step.landscape] = Step(tuple(a for a in ATTACKS if a in wanted), flags, step.landscape)
+            merged[key] = Step(tuple(a for a in ATTACKS if a in wanted), flags, step.landscape, step.view)
     return tuple(merged.values())
 
 
@@ -213,8 +231,9 @@ def pending(run):
     if (run.run_dir / "final.pt").exists():
         checkpoint = utils.load_checkpoint(run.run_dir / "final.pt", mmap=True)  # reads no tensor
         epochs, total = checkpoint["epoch"], checkpoint["args"]["epochs"]
-    done = {(r["role"], r["attack"]) for r in read_json(run.run_dir / "eval.json", {}).get("results", [])}
-    steps = [step._replace(attacks=tuple(a for a in step.attacks if not {("best", a), ("final", a)} <= done))
+    done = {view: {(r["role"], r["attack"]) for r in read_json(run.run_dir / view / "eval.json", {}).get("results", [])}
+            for view in {step.view for step in run.steps}}
+    steps = [step._replace(attacks=tuple(a for a in step.attacks if not {("best", a), ("final", a)} <= done[step.view]))
              for step in run.steps]  # the attacks measured on neither or one checkpoint, the landscape until saved
     steps = [s for s in steps if s.attacks or (s.landscape and not (run.run_dir / "final.landscape.npz").exists())]
     return f"epoch {epochs}/{total}" if total else "not started", total is None or epochs < total, steps
@@ -227,7 +246,7 @@ def next_commands(run, gpus=1):
     resume = ["--resume", str(run.run_dir)] if (run.run_dir / "args.json").exists() else []
     commands = [[sys.executable, *torchrun, str(ROOT / run.script), *run.flags, "--seed", str(run.seed), "--out-dir",
                  str(run.run_dir), *resume]] if train else []
-    return commands + [[sys.executable, str(ROOT / "evaluate.py"), str(run.run_dir), *(
+    return commands + [[sys.executable, str(ROOT / "evaluate.py"), str(run.run_dir / step.view), *(
         ["--landscape"] if step.landscape else ["--attacks", ",".join(step.attacks)]), *step.flags] for step in steps]
 
 
@@ -529,8 +548,18 @@ def read_metrics(path):
 
 def collect(the_plan):
     """{run folder: {"eval": {(role, attack): eval.json's result row}, "metrics": metrics.csv rows}} of every run."""
+    folders = {d for table in the_plan.tables.values() for dirs in table.values() for d in dirs}
     return {d: {"eval": {(r["role"], r["attack"]): r for r in read_json(d / "eval.json", {}).get("results", [])},
-                "metrics": read_metrics(d / "metrics.csv")} for d in the_plan.runs}
+                "metrics": run_metrics(d)} for d in {*the_plan.runs, *folders}}
+
+
+def run_metrics(run_dir):
+    """metrics.csv's rows of a run folder; of its view RUN/trained, the run's rows with the trained weights' raw_*
+    columns in place of the average's."""
+    if run_dir.name != "trained":
+        return read_metrics(run_dir / "metrics.csv")
+    return [{**row, **{k[len("raw_"):]: v for k, v in row.items() if k.startswith("raw_") and v is not None}}
+            for row in read_metrics(run_dir.parent / "metrics.csv")]
 
 
 def mean_std(values, text=True):
@@ -681,7 +710,7 @@ def grid_report(the_plan, grid, dataset, results):
                 {"fig9_fixed_vs_dynamic_alpha.png": plot_mean_curves(
                     table, results, "Fig. 9: fixed α vs the dynamic schedule (PIAT + NMSE)",
                     ("test_clean_acc", "test_pgd20_acc"))})
-    if grid == "averaging":
+    if grid in ("averaging", "ema"):
         title = (f"**PIAT vs weight averaging ({dataset})**: accuracy (%) of the best and the final checkpoint (of "
                  "the average, where one is kept); Diff = |Best − Final|; mean ± std over n seeds")
         return (accuracy_markdown(title, rows, results, BEST_FINAL_DIFF, reference="PGD-AT"),
@@ -717,7 +746,8 @@ def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=0)
     p.add_argument("grids", type=choice_list([*GRIDS, *ALIASES]), metavar="GRIDS", help=", ".join([*GRIDS, *ALIASES]))
     g = p.add_argument_group("what to run (other flags, e.g. --epochs 30, go to every training command)")
-    g.add_argument("--profile", type=str, default="paper", choices=tuple(PROFILES), help="quick: paper.ipynb's CPU run")
+    g.add_argument("--profile", type=str, default="paper", choices=tuple(PROFILES),
+                   help="quick: paper.ipynb's CPU run; cpu: small-cnn, AutoAttack's APGD-CE and APGD-T, EMA 0.98")
     g.add_argument("--datasets", type=choice_list(utils.DATASETS), default=None, metavar="LIST",
                    help=f"of {','.join(utils.DATASETS)} (default: each grid's)")
     g.add_argument("--seeds", type=utils.positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run")

@@ -401,8 +401,9 @@ def train(args, checkpoint, rank, world_size, device, stop):
                "train_loss": loss_sum / seen, "train_clean_acc": clean_correct / seen,
                "train_robust_acc": robust_correct / seen, "images_per_second": seen / (time.time() - start),
                "train_class_robust_acc": (class_robust[0] / class_robust[1].clamp_min(1)).tolist()}
-        trained, per_image = evaluate_epoch(model, split, args, epoch, rank, world_size)
+        trained, trained_per_image = evaluate_epoch(model, split, args, epoch, rank, world_size)
         row.update(trained)
+        per_image = trained_per_image
         if average is not None:  # logged beside the trained weights' columns, as raw_*
             row.update({f"raw_{k}": v for k, v in trained.items()})
             row.update(update_average_(average, model, trained, split, args, epoch))
@@ -423,6 +424,8 @@ def train(args, checkpoint, rank, world_size, device, stop):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "theta_prev": theta_prev,
                      "average": average.state_dict() if average is not None else None}
             utils.save_epoch(run_dir, saved, state, column, log, last=epoch + 1 == args.epochs or stop.signum)
+            if average is not None:
+                save_trained_weights(run_dir, saved, model, trained_per_image, column)
             print(f"epoch {epoch + 1:3d}  lr {row['lr']:.5f}  alpha {alpha:.3f}  loss {row['train_loss']:.4f}  "
                   f"train clean/robust {row['train_clean_acc']:.3f}/{row['train_robust_acc']:.3f}  test clean/"
                   f"PGD-{args.eval_pgd_steps} {row['test_clean_acc']:.3f}/{row['test_pgd20_acc']:.3f}  "
@@ -624,6 +627,20 @@ def make_average(model, args):
     if args.loss == "cfa" and args.cfa_fawa:
         return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.cfa_decay), use_buffers=True)
     return None
+
+
+def save_trained_weights(run_dir, saved, model, per_image, column):
+    """With a weight average, RUN/trained is the run without it: the trained weights' own best.pt and final.pt,
+    chosen on their own (raw_*) columns, with the flags of a run without the average. The average only observes, so
+    those are exactly that run's checkpoints (one PGD-AT + EMA run is also a PGD-AT run), and evaluate.py,
+    --compare and sweep.py read RUN/trained as a run folder of its own."""
+    metrics = [{**m, **{c: m[f"raw_{c}"] for c in EVAL_COLUMNS if f"raw_{c}" in m}} for m in saved["metrics"]]
+    args = {**saved["args"], "ema": None, "swa_start": None, **({"cfa_fawa": False} if saved["args"]["loss"] == "cfa"
+                                                                 else {})}
+    checkpoint = {**saved, "model": model.state_dict(), "args": args, "metrics": metrics, "weights": "trained",
+                  "per_image": {**saved["per_image"], **per_image}}
+    (run_dir / "trained").mkdir(exist_ok=True)
+    utils.save_epoch(run_dir / "trained", checkpoint, None, column, None, last=False)
 
 
 def average_kind(args):

@@ -646,6 +646,8 @@ def save_epoch(run_dir, checkpoint, training_state, column, log, last):
     if metrics[-1][column] > max((m[column] for m in metrics[:-1]), default=-1.0):
         save_checkpoint(checkpoint, run_dir / "best.pt")
     save_checkpoint({**checkpoint, "resume": training_state}, run_dir / "final.pt")
+    if log is None:  # a view of the run (train_piat.py's RUN/trained): its checkpoints only
+        return
     log.write(metrics[-1])
     if last or time.monotonic() - log.plotted >= 30:  # a plot takes 0.5-2 s, which short epochs would feel
         plot_curves(metrics, run_dir / "curves.png", title=log.title)
