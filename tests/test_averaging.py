@@ -66,6 +66,18 @@ def test_ema_run_reports_the_average_and_logs_the_trained_weights(tmp_path):
     assert {r["method"] for r in result["rows"]} == {"PGD-AT + EMA"}
     assert {r["weights"] for r in result["rows"]} == {"ema"}
     assert result["rows"][0]["accuracy"] == pytest.approx(rows[-1]["test_clean_acc"], abs=1e-6)
+    # RUN/trained is the run without the average: the trained weights' own best.pt and final.pt, chosen on raw_*
+    trained_final, trained_best = (utils.load_checkpoint(out / "trained" / f"{r}.pt") for r in ("final", "best"))
+    assert trained_final["weights"] == "trained" and trained_final["args"]["ema"] is None
+    assert all(torch.equal(v, final["resume"]["model"][k]) for k, v in trained_final["model"].items())
+    raw = [r["raw_test_pgd20_acc"] for r in rows]
+    assert [m["test_pgd20_acc"] for m in trained_final["metrics"]] == pytest.approx(raw, abs=1e-6)
+    assert trained_best["epoch"] == 1 + raw.index(max(raw))
+    assert sorted(p.name for p in (out / "trained").iterdir()) == ["best.pt", "final.pt"]
+    result = ev.main([str(out / "trained"), "--attacks", "clean", "--n-examples", "32", "--device", "cpu"])
+    assert {r["method"] for r in result["rows"]} == {"PGD-AT"} and (out / "trained" / "eval.json").is_file()
+    final_row = next(r for r in result["rows"] if r["role"] == "final")
+    assert final_row["accuracy"] == pytest.approx(rows[-1]["raw_test_clean_acc"], abs=1e-6)
 
 
 def test_swa_is_the_mean_of_the_end_of_epoch_weights_with_recomputed_batchnorm(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def mean_std_text(values):
 
 def test_grids_hold_the_papers_runs_once_each():
     plan = sweep.plan(["paper", "averaging"], seeds=2, sweep_dir="/sweep")
-    assert set(sweep.ALIASES["paper"]) | {"averaging"} == set(sweep.GRIDS)
+    assert set(sweep.ALIASES["paper"]) | {"averaging", "ema"} == set(sweep.GRIDS)
     table1 = plan.tables["table1", "cifar10"]
     assert list(table1) == ["PGD-AT", "ALP", "TRADES", "MART", "MAIL", "CFA", "RAT", "PIAT + NMSE"]
     assert {ds for grid, ds in plan.tables if grid == "table1"} == {"cifar10", "cifar100", "svhn"}
@@ -90,6 +90,24 @@ def test_grids_hold_the_papers_runs_once_each():
     averaging = sweep.plan(["averaging"], extra=["--epochs", "40"])
     swa = averaging.runs[averaging.tables["averaging", "cifar10"]["PGD-AT + SWA"][0]]
     assert swa.flags[-4:] == ("--swa-start", "30", "--epochs", "40")  # 3/4 of the epochs asked for
+
+
+def test_the_ema_grid_reads_pgd_at_from_the_trained_weights_of_its_ema_run(tmp_path):
+    """PGD-AT and PIAT + NMSE are the RUN/trained views of their EMA runs: three runs a seed for five methods, each
+    view evaluated in its own folder, its curves from the run's raw_* columns."""
+    plan = sweep.plan(["ema"], profile="cpu", datasets=["synthetic"], seeds=2, sweep_dir=tmp_path)
+    table = plan.tables["ema", "synthetic"]
+    assert list(table) == ["PGD-AT", "PGD-AT + EMA", "PIAT", "PIAT + NMSE", "PIAT + NMSE + EMA"]
+    assert len(plan.runs) == 6 and table["PGD-AT"] == [d / "trained" for d in table["PGD-AT + EMA"]]
+    run = plan.runs[table["PGD-AT + EMA"][0]]
+    assert run.flags == ("--dataset", "synthetic", "--arch", "small-cnn", "--loss", "ce", "--no-piat", "--ema", "0.98")
+    assert {step.view for step in run.steps} == {"", "trained"}
+    evaluated = [c[2] for c in sweep.next_commands(run) if c[1].endswith("evaluate.py")]
+    assert sorted(set(evaluated)) == [str(run.run_dir), str(run.run_dir / "trained")]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "metrics.csv").write_text("epoch,test_pgd20_acc,raw_test_pgd20_acc\n1,0.25,0.5\n2,0.3,\n")
+    assert [r["test_pgd20_acc"] for r in sweep.run_metrics(run.run_dir / "trained")] == [0.5, 0.3]
+    assert [r["test_pgd20_acc"] for r in sweep.run_metrics(run.run_dir)] == [0.25, 0.3]
 
 
 def test_dry_run_status_and_bad_input(tmp_path, capsys):
