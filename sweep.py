@@ -33,6 +33,7 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 from matplotlib.figure import Figure
 
 import utils
@@ -526,6 +527,9 @@ CPA_TABLES = {"table2": ("II", "WRN-32-10"), "table3": ("III", "PIAT + each loss
 SIGNIFICANCE = ("Δ vs {0}: accuracy minus {0}'s (points) [95 % interval: paired bootstrap over the test images], p: "
                 "exact McNemar test on the images one gets right and the other wrong, seeds paired in order; * p < "
                 "0.05; – no per-image results on the same images (an older evaluate.py's: evaluate the run again).")
+SEED_INTERVALS = ("Δ over seeds: the mean over seeds of the difference to {0}'s run of the same seed [95 % t-interval over "
+                  "the seeds]; oscillation: the mean |change| of test PGD-20 accuracy from one epoch to the next after "
+                  "the first quarter of training (metrics.csv).")
 
 
 def read_metrics(path):
@@ -580,7 +584,26 @@ def seed_values(results, run_dirs, role, attack):
             values.append(evals[role, attack]["accuracy"])
         elif role.endswith("epoch") and rows:
             values.append(max(row[column] for row in rows) if role == "best epoch" else rows[-1][column])
+        elif role == "oscillation" and len(rows) > 4:
+            values.append(oscillation([row[column] for row in rows]))
     return values
+
+
+def oscillation(accuracies):
+    """The mean |change| of an accuracy from one epoch to the next after the first quarter of the epochs."""
+    return float(np.abs(np.diff(accuracies[len(accuracies) // 4 :])).mean())
+
+
+def seed_interval(results, reference, run_dirs, role, attack):
+    """The mean over seeds of `run_dirs`' value minus the `reference` run's of the same seed, with its 95 %
+    t-interval over the seeds: "+1.20 [-0.4, +2.8]"; "–" with fewer than two seeds of both."""
+    pairs = [(a[0], b[0]) for a, b in ((seed_values(results, [d], role, attack), seed_values(results, [r], role, attack))
+                                       for r, d in zip(reference, run_dirs)) if a and b]
+    if len(pairs) < 2:
+        return "–"
+    diffs = 100 * np.array([a - b for a, b in pairs])
+    half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
+    return f"{diffs.mean():+.2f} [{diffs.mean() - half:+.1f}, {diffs.mean() + half:+.1f}]"
 
 
 def versus(results, reference, run_dirs, role, attack):
@@ -595,10 +618,11 @@ def versus(results, reference, run_dirs, role, attack):
             + " *" * (s["p_value"] < 0.05))
 
 
-def accuracy_markdown(title, rows, results, cells, first=("Method",), paper=None, reference=None):
+def accuracy_markdown(title, rows, results, cells, first=("Method",), paper=None, reference=None, over_seeds=False):
     """A table of (label cells, run folders) `rows`: each (role, attack) of `cells` as mean ± std over the seeds, and
     n, the seeds. Under each row: with `reference` (a row's label) its difference to the reference's runs with its
-    significance, and with `paper` (the paper's data set, per row its numbers or None) the paper's."""
+    significance over the images (and with `over_seeds` over the seeds), and with `paper` (the paper's data set, per
+    row its numbers or None) the paper's."""
     second, mixed = paper is not None or reference is not None, len({role for role, _ in cells}) > 1
     header = [*first, *[""] * second, *(ATTACK_TITLES[a] + f" {role}" * mixed for role, a in cells), "n"]
     against, blank, lines = {cells_[0]: dirs for cells_, dirs in rows}.get(reference), [""] * len(first), []
@@ -606,12 +630,16 @@ def accuracy_markdown(title, rows, results, cells, first=("Method",), paper=None
         values = [seed_values(results, dirs, role, a) for role, a in cells]
         lines.append([*first_cells, *["ours"] * second, *map(mean_std, values), max(map(len, values))])
         if against and dirs is not against:
-            lines.append([*blank, f"Δ vs {reference}", *(versus(results, against, dirs, role, a) if role != "diff"
-                                                         else "" for role, a in cells), ""])
+            lines.append([*blank, f"Δ vs {reference}", *(versus(results, against, dirs, role, a) if role in (
+                "best", "final") else "" for role, a in cells), ""])
+            if over_seeds:
+                lines.append([*blank, "Δ over seeds", *(seed_interval(results, against, dirs, role, a)
+                                                       for role, a in cells), ""])
         if theirs:
             lines.append([*blank, f"paper ({paper[0]})", *(f"{v:.2f}" for v in theirs), ""])
     lines = ["|" + "|".join(f" {c} " if c != "" else " " for c in line) + "|" for line in [header, *lines]]
     note = "\n" + SIGNIFICANCE.format(reference) + "\n" if against else ""
+    note += SEED_INTERVALS.format(reference) + "\n" if against and over_seeds else ""
     return "\n".join([title, "", lines[0], "|" + "---|" * len(header), *lines[1:]]) + "\n" + note  # empty: "| |"
 
 
@@ -710,7 +738,13 @@ def grid_report(the_plan, grid, dataset, results):
                 {"fig9_fixed_vs_dynamic_alpha.png": plot_mean_curves(
                     table, results, "Fig. 9: fixed α vs the dynamic schedule (PIAT + NMSE)",
                     ("test_clean_acc", "test_pgd20_acc"))})
-    if grid in ("averaging", "ema"):
+    if grid == "ema":
+        title = (f"**Is PIAT more than an EMA of the weights? ({dataset})**: accuracy (%) of the best and the final "
+                 "checkpoint; Diff = |Best − Final|; mean ± std over n seeds")
+        cells = [("best", "clean"), ("final", "clean"), *BEST_FINAL_DIFF[3:], ("oscillation", "pgd20")]
+        return (accuracy_markdown(title, rows, results, cells, reference="PGD-AT", over_seeds=True),
+                {"ema.png": plot_mean_curves(table, results, "Robust accuracy per epoch (mean ± std over seeds)")})
+    if grid == "averaging":
         title = (f"**PIAT vs weight averaging ({dataset})**: accuracy (%) of the best and the final checkpoint (of "
                  "the average, where one is kept); Diff = |Best − Final|; mean ± std over n seeds")
         return (accuracy_markdown(title, rows, results, BEST_FINAL_DIFF, reference="PGD-AT"),

@@ -322,6 +322,34 @@ def test_report_marks_each_difference_to_pgd_at(tmp_path):
     assert (tmp_path / "report" / "synthetic" / "averaging.png").exists()
 
 
+def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):
+    """The ema grid's table: the oscillation from metrics.csv (RUN/trained from the raw_* columns), and under each
+    method its difference to PGD-AT over the seeds with a 95 % t-interval, beside the per-image McNemar row."""
+    argv = ["ema", "--profile", "quick", "--seeds", "3", "--sweep-dir", str(tmp_path)]
+    plan = sweep.plan_from_args(*sweep.parse_args(argv))
+    curves = {}
+    for run in plan.runs.values():  # PGD-AT (the trained weights) zig-zags by 0.1; its EMA and the rest by 0.02
+        zigzag = [0.3 + (0.1 if "ema" in run.name else 0.02) * (e % 2) + 0.01 * run.seed for e in range(8)]
+        smooth = [0.3 + 0.02 * (e % 2) + 0.01 * run.seed for e in range(8)]
+        run.run_dir.mkdir(parents=True)
+        lines = ["epoch,test_pgd20_acc,raw_test_pgd20_acc"] + [f"{e + 1},{a},{b if 'ema' in run.name else ''}"
+                                                               for e, (a, b) in enumerate(zip(smooth, zigzag))]
+        (run.run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+        curves[run.run_dir / "trained"], curves[run.run_dir] = zigzag, smooth
+    assert sweep.main([*argv, "--report"]) == 0
+    lines = (tmp_path / "report" / "ema.md").read_text().splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    column = header.index("PGD20 oscillation")
+    for method, expected in (("PGD-AT", 10.0), ("PGD-AT + EMA", 2.0), ("PIAT + NMSE", 10.0)):
+        row = next(line for line in lines if line.startswith(f"| {method} |"))
+        assert row.split("|")[1 + column].strip() == f"{expected:.2f} ± 0.00", row  # 6 changes of 0.1 (or 0.02)
+    assert sweep.oscillation([0.1, 0.9, 0.2, 0.4, 0.3]) == pytest.approx((0.7 + 0.2 + 0.1) / 3)  # from epoch 2 on
+    at = lines.index(next(line for line in lines if line.startswith("| PGD-AT + EMA |")))
+    seeds = [c.strip() for c in lines[at + 2].strip("|").split("|")]
+    assert seeds[1] == "Δ over seeds" and seeds[column] == "-8.00 [-8.0, -8.0]", lines[at + 2]
+    assert any(line.startswith("Δ over seeds: the mean over seeds of the difference") for line in lines)
+
+
 FAKE_SBATCH = """#!{python}
 import os, shutil, sys
 from pathlib import Path
