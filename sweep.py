@@ -664,6 +664,17 @@ def plot_mean_curves(table, results, title, columns=("test_pgd20_acc",)):
     return fig
 
 
+def curves_csv(table, results, columns=("test_clean_acc", "test_pgd20_acc")):
+    """metrics.csv's `columns` of every run of `table` as one tidy CSV (method, seed, epoch, columns...): the numbers
+    behind a curve figure, small enough to keep beside it."""
+    lines = [",".join(("method", "seed", "epoch", *columns))]
+    for name, dirs in table.items():
+        for seed, d in enumerate(dirs):
+            lines += [",".join((f'"{name}"', str(seed), str(row["epoch"]), *(f"{row[c]:.6g}" for c in columns)))
+                      for row in results[d]["metrics"]]
+    return "\n".join(lines) + "\n"
+
+
 def plot_bars(groups, results, title, ylabel):
     """The best checkpoint's accuracy, mean and std over seeds, of `groups`: [(legend, attack, {x: run folders})]."""
     fig = Figure(figsize=(8, 4))
@@ -743,7 +754,8 @@ def grid_report(the_plan, grid, dataset, results):
                  "checkpoint; Diff = |Best − Final|; mean ± std over n seeds")
         cells = [("best", "clean"), ("final", "clean"), *BEST_FINAL_DIFF[3:], ("oscillation", "pgd20")]
         return (accuracy_markdown(title, rows, results, cells, reference="PGD-AT", over_seeds=True),
-                {"ema.png": plot_mean_curves(table, results, "Robust accuracy per epoch (mean ± std over seeds)")})
+                {"ema.png": plot_mean_curves(table, results, "Robust accuracy per epoch (mean ± std over seeds)"),
+                 "ema_curves.csv": curves_csv(table, results)})
     if grid == "averaging":
         title = (f"**PIAT vs weight averaging ({dataset})**: accuracy (%) of the best and the final checkpoint (of "
                  "the average, where one is kept); Diff = |Best − Final|; mean ± std over n seeds")
@@ -764,6 +776,9 @@ def write_report(the_plan, out_dir):
             markdown, figures = grid_report(the_plan, grid, dataset, results)
             (out_dir / dataset).mkdir(parents=True, exist_ok=True)
             for name, fig in figures.items():
+                if isinstance(fig, str):  # the numbers behind a figure
+                    (out_dir / dataset / name).write_text(fig)
+                    continue
                 fig.savefig(out_dir / dataset / name, dpi=120, bbox_inches="tight")
                 markdown += f"\n![{name}]({dataset}/{name})\n"
             sections.append(markdown)

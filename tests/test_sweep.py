@@ -332,8 +332,8 @@ def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):
         zigzag = [0.3 + (0.1 if "ema" in run.name else 0.02) * (e % 2) + 0.01 * run.seed for e in range(8)]
         smooth = [0.3 + 0.02 * (e % 2) + 0.01 * run.seed for e in range(8)]
         run.run_dir.mkdir(parents=True)
-        lines = ["epoch,test_pgd20_acc,raw_test_pgd20_acc"] + [f"{e + 1},{a},{b if 'ema' in run.name else ''}"
-                                                               for e, (a, b) in enumerate(zip(smooth, zigzag))]
+        lines = ["epoch,test_clean_acc,test_pgd20_acc,raw_test_pgd20_acc"] + [
+            f"{e + 1},0.5,{a},{b if 'ema' in run.name else ''}" for e, (a, b) in enumerate(zip(smooth, zigzag))]
         (run.run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
         curves[run.run_dir / "trained"], curves[run.run_dir] = zigzag, smooth
     assert sweep.main([*argv, "--report"]) == 0
@@ -348,6 +348,10 @@ def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):
     seeds = [c.strip() for c in lines[at + 2].strip("|").split("|")]
     assert seeds[1] == "Δ over seeds" and seeds[column] == "-8.00 [-8.0, -8.0]", lines[at + 2]
     assert any(line.startswith("Δ over seeds: the mean over seeds of the difference") for line in lines)
+    tidy = (tmp_path / "report" / "synthetic" / "ema_curves.csv").read_text().splitlines()
+    assert tidy[0] == "method,seed,epoch,test_clean_acc,test_pgd20_acc" and len(tidy) == 1 + 5 * 3 * 8
+    assert [float(line.split(",")[-1]) for line in tidy if line.startswith('"PGD-AT",1,')] == pytest.approx(
+        curves[plan.tables["ema", "synthetic"]["PGD-AT"][1]])
 
 
 FAKE_SBATCH = """#!{python}
