@@ -29,8 +29,8 @@ def amp_cache(tmp_path_factory):
 
 
 def stub_bf16_probe(monkeypatch, tmp_path, speedup):
-    """A CPU with bf16 kernels on which bf16 measures `speedup` x fp32, with an empty cache of measurements: returns
-    the list of the inputs the probe timed."""
+    """A CPU with bf16 kernels on which bf16 measures `speedup` x fp32 (steadily), with an empty cache of
+    measurements: returns the list of the inputs the probe timed."""
     import torch
 
     import utils
@@ -39,7 +39,7 @@ def stub_bf16_probe(monkeypatch, tmp_path, speedup):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(utils, "bf16_speedup", lambda model, x: probed.append(x) or speedup)
+    monkeypatch.setattr(utils, "bf16_speedup", lambda model, x: probed.append(x) or (speedup, True))
     return probed
 
 

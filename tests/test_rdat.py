@@ -265,7 +265,7 @@ def test_piat_interpolates_the_robust_learner(tmp_path, monkeypatch):
     assert final["args"]["method"] == "RDAT + PIAT"
 
 
-RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "128", "--batch-size", "16", "--piat"]
+RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "128", "--batch-size", "16", "--piat", "--no-amp"]
 
 
 def test_killed_run_resumes_to_the_same_final_state(tmp_path):

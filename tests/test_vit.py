@@ -354,7 +354,7 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
 
 
 def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch):
-    flags = [*TINY_VIT, "--epochs", "2", "--ard", "--prm", "--ap-warmup-epochs", "2", "--loss", "trades"]
+    flags = [*TINY_VIT, "--epochs", "2", "--ard", "--prm", "--ap-warmup-epochs", "2", "--loss", "trades", "--no-amp"]
     whole = tmp_path / "whole"
     tv.main([*flags, "--out-dir", str(whole)])
 
