@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -174,13 +175,79 @@ def check_ranks_agree(**models):
             print(f"{', '.join(models)}: identical on all {len(prints)} ranks (sha256 {prints[0][0][:16]})")
 
 
-def bf16_pays(device):
-    """--amp's default: bf16 autocast on CUDA, and on x86 CPUs with AMX, whose tile units multiply bf16 many times
-    faster than AVX-512 does fp32; AVX512_BF16 alone measured slower than fp32 (BENCHMARKS.md)."""
-    if device.type == "cuda":
-        return True
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.cpu._is_amx_tile_supported()
-            and platform.machine().lower() in ("x86_64", "amd64"))
+# === --amp's default: bf16 on CUDA; on a CPU, bf16 only where the run's own model measures clearly faster
+
+BF16_MARGIN, PROBE_IMAGES = 1.2, 8  # bf16 only when clearly faster (runs vary by ~10 %); the probe's batch slice
+
+
+def settle_amp(args, device, model, batch_shape, channels_last=True):
+    """Resolve --amp (None: not given) and return the precision and why, for the run's first line: bf16 on CUDA; on
+    a CPU with bf16 kernels, bf16 when the run's own model on PROBE_IMAGES of its batch measures BF16_MARGIN x fp32
+    (rank 0 measures for every rank; remembered_speedup); fp32 elsewhere. --amp/--no-amp and --resume keep theirs."""
+    if args.amp is not None:
+        why = "as the run started" if getattr(args, "resume", None) else "--amp" if args.amp else "--no-amp"
+    elif device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        shape = (min(PROBE_IMAGES, batch_shape[0]), *batch_shape[1:])
+        answer = [remembered_speedup(args.arch, model, shape, channels_last) if rank() == 0 else None]
+        if distributed():
+            dist.broadcast_object_list(answer)
+        (speedup, remembered), args.amp = answer[0], answer[0][0] >= BF16_MARGIN
+        why = (f"measured {speedup:.2f}x fp32" if args.amp else f"bf16 measured {speedup:.2f}x") + \
+            f" on this CPU{remembered}"
+    else:
+        args.amp = device.type == "cuda"
+        why = {"cuda": "CUDA", "cpu": "no bf16 kernels on this CPU"}.get(device.type, f"not measured on {device}")
+    return f"{'bf16 autocast' if args.amp else 'fp32'} ({why})"
+
+
+def remembered_speedup(arch, model, shape, channels_last):
+    """(bf16_speedup, how it is kept): measured once per CPU, thread count, torch version, model and input, then
+    read back from $XDG_CACHE_HOME/piat/amp.json (default ~/.cache); a noisy measurement is used but not kept."""
+    key = (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}: "
+           f"{arch} ({sum(p.numel() for p in model.parameters())} weights) on {'x'.join(map(str, shape))}"
+           f"{' channels_last' * channels_last}")
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piat" / "amp.json"
+    try:
+        known = dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # none yet, or unreadable: measured (and written) afresh
+        known = {}
+    if key in known:
+        return float(known[key]), f", remembered in {path}"
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    speedup, steady = bf16_speedup(model, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    try:  # a noisy measurement (a busy CPU) or an unwritable cache: the next run measures again
+        if steady:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_json({**known, key: round(speedup, 2)}, path)
+    except OSError:
+        pass
+    return round(speedup, 2), "" if steady else ", but noisily: measured again next run"
+
+
+def bf16_speedup(model, x):
+    """(fp32 time / bf16-autocast time, steady) of the attack's pass (forward, input-gradient backward) of `model` in
+    eval mode on x, alternating: each one's fastest of 2-5 passes after an untimed one (about a second), steady when
+    its second fastest is within 15 %. The weights, buffers and global random stream are left as they were."""
+    was_training, times, start = model.training, {False: [], True: []}, time.perf_counter()
+    model.eval()
+    while len(times[True]) < 3 or len(times[True]) < 6 and time.perf_counter() - start < 1:
+        for bf16, seen in times.items():
+            tic, inputs = time.perf_counter(), x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                torch.autograd.grad(model(inputs).float().sum(), inputs)
+            seen.append(time.perf_counter() - tic)
+    model.train(was_training)
+    fp32, bf16 = sorted(times[False][1:]), sorted(times[True][1:])
+    return fp32[0] / bf16[0], fp32[1] < 1.15 * fp32[0] and bf16[1] < 1.15 * bf16[0]
+
+
+def cpu_name():
+    """The CPU's model name and bf16 units: a VM's generic 'Intel(R) Xeon(R) Processor' hides which CPU it is."""
+    name = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text() if os.path.isfile(
+        "/proc/cpuinfo") else "", re.M)
+    units = [unit for unit, has in (("AVX512_BF16", torch.cpu._is_avx512_bf16_supported()),
+                                    ("AMX", torch.cpu._is_amx_tile_supported())) if has]
+    return f"{name[1] if name else platform.processor() or platform.machine()} ({', '.join(units) or 'no bf16 units'})"
 
 
 # === Data: every data set becomes four tensors held in memory (uint8 images NCHW, int64 labels)

@@ -1,10 +1,10 @@
 """Training throughput of train_piat.py's PGD-10 PIAT+NMSE step against the same step as users write it, on the
 same model, batch and machine (BENCHMARKS.md): "ours" is train_piat.py's own step (uint8 images augmented on the
-device, an input-only attack, bf16 where it pays, channels_last, --compile); "efficient-peer" is TRADES's idiom (a
-DataLoader over PIL images, fp32, BatchNorm in eval mode while attacking, an input-only attack through
-torch.autograd.grad); "conventional" the same with an attack through loss.backward() (computing weight gradients it
-throws away). Each runs in its own child process, for its own peak memory (CUDA: max_memory_allocated; CPU: peak
-RSS); then the table, the ratios of ours to each, and evaluate.py's PGD-20 time per image.
+device, an input-only attack, bf16 where train_piat.py would take it, channels_last, --compile); "efficient-peer" is
+TRADES's idiom (a DataLoader over PIL images, fp32, BatchNorm in eval mode while attacking, an input-only attack
+through torch.autograd.grad); "conventional" the same with an attack through loss.backward() (computing weight
+gradients it throws away). Each runs in its own child process, for its own peak memory (CUDA: max_memory_allocated;
+CPU: peak RSS); then the table, the ratios of ours to each, and evaluate.py's PGD-20 time per image.
 
     python benchmarks/bench_train.py --arch resnet18          # CUDA if there is one (about 4 minutes on a CPU)
     python benchmarks/bench_train.py --arch small-cnn --no-amp --no-channels-last   # fp32, NCHW
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="timed steps (CUDA 30, CPU 3)")
     p.add_argument("--pgd-steps", type=non_negative_int, default=10, metavar="N", help="steps of the training attack")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast in ours (default: where it pays)")
+                   help="bf16 autocast in ours (default: as train_piat.py decides: CUDA, or measured)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last in ours (default: on)")
     p.add_argument("--compile", action="store_true", help="model.compile() in ours")
@@ -77,8 +77,8 @@ def bench_data(train_size, test_size):
 
 def ours(args, device, model, data):
     """train_piat.py's batch step for --loss nmse (train()'s loop body), through its own functions."""
-    amp = utils.bf16_pays(device) if args.amp is None else args.amp
     model = model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    precision = utils.settle_amp(args, device, model, (args.batch_size, 3, 32, 32), args.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3.5e-3)
     if args.compile:
         model.compile()
@@ -90,7 +90,7 @@ def ours(args, device, model, data):
 
     def step(i):
         _, _, x, y = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             model.eval()
             x_adv = train_piat.pgd_attack(model, x, y, EPSILON, STEP_SIZE, args.pgd_steps)
             model.train()
@@ -103,7 +103,7 @@ def ours(args, device, model, data):
         totals.add_(torch.stack([loss.detach() * len(y), (logits_clean.argmax(1) == y).sum(),
                                  (logits_adv.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).float())
 
-    return step, {"amp": amp, "compile": args.compile, "channels_last": args.channels_last}
+    return step, {"amp": args.amp, "precision": precision, "compile": args.compile, "channels_last": args.channels_last}
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -202,10 +202,8 @@ def measure_variant(args):
     seconds = time.perf_counter() - start
     images = args.steps * (args.eval_images if args.variant == "eval-pgd20" else args.batch_size)
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    isa = "AMX" if torch.cpu._is_amx_tile_supported() else (
-        "AVX512_BF16, no AMX" if torch.cpu._is_avx512_bf16_supported() else "no bf16 instructions")
     name = torch.cuda.get_device_name(device) if cuda else (
-        f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {isa}, torch {torch.__version__})")
+        f"{utils.cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
     return {"variant": args.variant, "device": str(device), "device_name": name, "arch": args.arch,
             "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds,
             "images_per_second": images / seconds, "ms_per_image": 1000 * seconds / images,
@@ -237,6 +235,7 @@ def main(argv=None):
     summary = {**{f"ratio_vs_{v.replace('-', '_')}": ratio for v, ratio in ratios.items()},
                "forward_equivalents_per_image": equivalents, "achieved_tflops": tflops, "fraction_of_peak": peak}
     print(f"{args.arch}, batch {args.batch_size}, PGD-{args.pgd_steps} PIAT+NMSE step, {ours_r['device_name']}")
+    print(f"our step: {ours_r['precision']}")
     print(f"{'variant':<16}{'images/s':>10}{'ms/image':>10}{'peak MiB':>10}  settings")
     for r in (results[v] for v in VARIANTS):
         flags = ", ".join(f"{k}={r[k]}" for k in ("amp", "compile", "channels_last", "workers") if k in r)
@@ -247,7 +246,8 @@ def main(argv=None):
     print(f"evaluate.py PGD-20 (fp32): {eval_r['ms_per_image']:.2f} ms per image "
           f"({eval_r['images_per_second']:.1f} images/s)")
     print(f"model forward: {ours_r['forward_gflops_per_image']:.3f} GFLOP per image; "
-          f"ours achieves {tflops:.2f} TFLOP/s counting {equivalents} forward-equivalents per image"
+          f"ours achieves {f'{tflops:.2f} TFLOP/s' if peak else f'{1e3 * tflops:.1f} GFLOP/s'} counting {equivalents} "
+          "forward-equivalents per image"
           + (f" = {100 * peak:.1f}% of {args.peak_tflops:.0f} TFLOP/s" if peak else ""))
     if args.out:
         utils.save_json({**results, "summary": summary, "command": " ".join([Path(__file__).name, *argv])}, args.out)

@@ -239,7 +239,7 @@ def test_rat_noise_shapes_the_attack_only_and_the_step_is_sgd_on_its_objective(m
 @pytest.mark.parametrize("loss,extra", [("cfa", ["--cfa-begin", "1", "--cfa-fawa-start", "1", "--cfa-threshold", "0"]),
                                         ("rat", [])])
 def test_killed_run_resumes_to_the_same_state(tmp_path, loss, extra):
-    flags = [*TINY, "--loss", loss, *extra, "--epochs", "3", "--train-size", "128", "--batch-size", "16"]
+    flags = [*TINY, "--loss", loss, *extra, "--epochs", "3", "--train-size", "128", "--batch-size", "16", "--no-amp"]
     whole = tmp_path / "whole"
     tp.main([*flags, "--out-dir", str(whole)])
     killed = tmp_path / "killed"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import train_rdat as tr
 import utils
 from sweep import read_metrics
-from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
+from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script, stub_bf16_probe
 
 OUTPUTS = ["args.json", "best.pt", "curves.png", "final.pt", "metrics.csv", "tensorboard"]
 
@@ -143,6 +143,7 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     monkeypatch.setattr(tr, "mix_global_",
                         lambda g, r, n, beta, d: mixes.append((beta, d)) or real_mix(g, r, n, beta, d))
     monkeypatch.setattr(tr, "ema_update_", lambda e, m, d: emas.append(d) or real_ema(e, m, d))
+    probed = stub_bf16_probe(monkeypatch, tmp_path, 0.5)
     out = run(tmp_path, "--epochs", "2", "--redistribute-mode", "off", "--eval-robust-learner")
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     rows = read_metrics(out / "metrics.csv")
@@ -158,7 +159,9 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     assert emas == pytest.approx([tr.ema_decay(s // 2) for s in range(12)])  # robust, natural, robust, ...
     args = json.loads((out / "args.json").read_text())
     assert args["lam"] == 6.0 and args["piat"] is False and args["method"] == "RDAT"
-    assert args["amp"] is utils.bf16_pays(torch.device("cpu"))  # the default, resolved before args.json
+    assert args["amp"] is False  # the default, measured on the robust learner (channels_last) before args.json
+    assert [tuple(x.shape) for x in probed] == [(utils.PROBE_IMAGES, 3, 32, 32)]
+    assert probed[0].is_contiguous(memory_format=torch.channels_last)
     assert (args["redistribute_from"], args["redistribute_every"]) == (1, 1)  # 75 and 5 of 120, scaled to 2
     final, best = utils.load_checkpoint(out / "final.pt"), utils.load_checkpoint(out / "best.pt")
     assert final["script"] == "train_rdat.py" and final["epoch"] == 2 and "resume" not in best
@@ -262,7 +265,7 @@ def test_piat_interpolates_the_robust_learner(tmp_path, monkeypatch):
     assert final["args"]["method"] == "RDAT + PIAT"
 
 
-RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "128", "--batch-size", "16", "--piat"]
+RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "128", "--batch-size", "16", "--piat", "--no-amp"]
 
 
 def test_killed_run_resumes_to_the_same_final_state(tmp_path):

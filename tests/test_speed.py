@@ -1,11 +1,13 @@
 """The speed paths on CPU: bf16 autocast on and off and its default, resume and evaluation under bf16,
 torch.compile, a 2-process gloo run under torchrun, and the training-speed benchmark."""
 
+import argparse
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import train_rdat as tr
 import train_vit as tv
 import utils
 from sweep import read_metrics
-from conftest import ROOT, TINY, kill_after_first_checkpoint, run_script
+from conftest import ROOT, TINY, kill_after_first_checkpoint, run_script, stub_bf16_probe
 
 CPU = torch.device("cpu")
 
@@ -45,47 +47,103 @@ def test_amp_paths_run(tmp_path, monkeypatch, amp):
     assert utils.load_checkpoint(out / "final.pt")["args"]["amp"] is (amp == "--amp")
 
 
-@pytest.mark.parametrize("pays", [True, False])
-def test_amp_default_follows_the_rule(tmp_path, monkeypatch, capsys, pays):
-    """Without --amp or --no-amp a run takes bf16 autocast exactly where bf16 pays (the rule is mocked both
-    ways, so this machine's own answer does not matter), says so in its first line, and stores the resolved
-    choice, not None, in args.json and the checkpoints."""
-    monkeypatch.setattr(utils, "bf16_pays", lambda device: pays)
+@pytest.mark.parametrize("speedup", [2.0, 0.8])
+def test_amp_default_is_measured_on_the_runs_own_model(tmp_path, monkeypatch, capsys, speedup):
+    """Without --amp or --no-amp a CPU run times its own model (a slice of its batch, channels_last as it trains) and
+    takes bf16 autocast only when bf16 measured faster (the timing is stubbed both ways, so this machine's answer
+    does not matter); its first line says what and why, and args.json and the checkpoints keep the choice."""
+    probed = stub_bf16_probe(monkeypatch, tmp_path, speedup)
     autocast_seen = autocast_spy(monkeypatch)
     out = tmp_path / "run"
     tp.main([*TINY, "--epochs", "1", "--out-dir", str(out)])
-    assert autocast_seen and set(autocast_seen) == {pays}
-    assert json.loads((out / "args.json").read_text())["amp"] is pays
+    bf16 = speedup > 1
+    assert [tuple(x.shape) for x in probed] == [(utils.PROBE_IMAGES, 3, 32, 32)]
+    assert probed[0].is_contiguous(memory_format=torch.channels_last) and not probed[0].is_contiguous()
+    assert autocast_seen and set(autocast_seen) == {bf16}
+    assert json.loads((out / "args.json").read_text())["amp"] is bf16
     for checkpoint in ("final.pt", "best.pt"):
-        assert utils.load_checkpoint(out / checkpoint)["args"]["amp"] is pays
+        assert utils.load_checkpoint(out / checkpoint)["args"]["amp"] is bf16
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line.startswith("small-cnn on synthetic") and ("bf16 autocast" if pays else "fp32") in first_line
+    assert first_line.startswith("small-cnn on synthetic")
+    assert ("bf16 autocast (measured 2.00x fp32 on this CPU)" if bf16 else "fp32 (bf16 measured 0.80x on this CPU)") \
+        in first_line
 
 
 def test_amp_flags_force_the_precision_in_every_training_script():
-    """--amp and --no-amp force the precision; without them it is left for the run to settle (bf16_pays)."""
+    """--amp and --no-amp force the precision; without them it is left for the run to settle (settle_amp)."""
     for script in (tp, tr, tv):
         for flags, amp in (([], None), (["--amp"], True), (["--no-amp"], False)):
             assert script.parse_args(["--dataset", "synthetic", *flags]).amp is amp, (script.__name__, flags)
 
 
-def test_bf16_pays_on_cuda_and_amx_only(monkeypatch):
-    """The rule asks for AMX on x86, not bf16 support: oneDNN's own check holds on every AVX-512 CPU (it
-    emulates bf16 without bf16 instructions), and AVX512_BF16 alone measured slower than fp32."""
-    monkeypatch.setattr(utils.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    for avx512_bf16, amx in ((True, False), (False, True), (True, True), (False, False)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda answer=avx512_bf16: answer)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda answer=amx: answer)
-        assert utils.bf16_pays(CPU) is amx, (avx512_bf16, amx)
-    assert utils.bf16_pays(torch.device("cuda")) is True
-    assert utils.bf16_pays(torch.device("meta")) is False
-    monkeypatch.setattr(utils.platform, "machine", lambda: "aarch64")
-    assert utils.bf16_pays(CPU) is False  # ARM's BF16: unmeasured, fp32 unless --amp
-    monkeypatch.setattr(utils.platform, "machine", lambda: "x86_64")
+def settle(amp=None, device=CPU, arch="small-cnn", resume=None):
+    model = utils.build_model(arch, 10)
+    args = argparse.Namespace(amp=amp, arch=arch, resume=resume)
+    return utils.settle_amp(args, device, model, (32, 3, 32, 32)), args.amp
+
+
+def test_settle_amp_measures_once_per_cpu_and_torch(tmp_path, monkeypatch):
+    """The measured answer is remembered per CPU, thread count, torch version, model and input: a second run on
+    the same machine does not time again, another torch or another CPU does; bf16 needs a clear 1.2x; a noisy
+    measurement is not remembered."""
+    probed = stub_bf16_probe(monkeypatch, tmp_path, 1.19)
+    cache = tmp_path / "cache" / "piat" / "amp.json"
+    assert settle() == ("fp32 (bf16 measured 1.19x on this CPU)", False) and len(probed) == 1
+    assert settle() == (f"fp32 (bf16 measured 1.19x on this CPU, remembered in {cache})", False) and len(probed) == 1
+    (key,) = json.loads(cache.read_text())
+    assert f"torch {torch.__version__}" in key and "small-cnn" in key and "8x3x32x32 channels_last" in key
+    monkeypatch.setattr(utils, "bf16_speedup", lambda model, x: probed.append(x) or (1.2, True))
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert settle() == ("bf16 autocast (measured 1.20x fp32 on this CPU)", True) and len(probed) == 2
+    monkeypatch.setattr(utils, "cpu_name", lambda: "Another CPU (AVX512, AVX512_BF16)")
+    assert settle() == ("bf16 autocast (measured 1.20x fp32 on this CPU)", True) and len(probed) == 3
+    assert settle()[0].endswith(f", remembered in {cache})") and len(probed) == 3
+    assert len(json.loads(cache.read_text())) == 3 and not list(cache.parent.glob(".*.tmp"))
+    # a noisy measurement (a busy machine) decides this run only
+    monkeypatch.setattr(utils, "bf16_speedup", lambda model, x: probed.append(x) or (3.0, False))
+    busy = "bf16 autocast (measured 3.00x fp32 on this CPU, but noisily: measured again next run)", True
+    assert settle(arch="resnet18") == settle(arch="resnet18") == busy and len(probed) == 5
+    assert len(json.loads(cache.read_text())) == 3
+    # no timing where the answer is known without it: the flags, --resume, CUDA, a CPU without bf16 kernels
+    assert settle(amp=True) == ("bf16 autocast (--amp)", True)
+    assert settle(amp=False) == ("fp32 (--no-amp)", False)
+    assert settle(amp=False, resume="runs/x") == ("fp32 (as the run started)", False)
+    assert settle(device=torch.device("cuda")) == ("bf16 autocast (CUDA)", True)
+    assert settle(device=torch.device("meta"))[1] is False
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert utils.bf16_pays(CPU) is False  # bf16 kernels on the CPU come from oneDNN
+    assert settle(arch="resnet18") == ("fp32 (no bf16 kernels on this CPU)", False)
+    assert len(probed) == 5
+
+
+def test_bf16_speedup_times_without_changing_the_model():
+    """The real probe: a positive ratio, in about a second, and the model (weights, BatchNorm statistics, mode) and
+    the global random stream exactly as they were."""
+    model = utils.build_model("small-cnn", 10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    rng, start = torch.get_rng_state(), time.perf_counter()
+    speedup, steady = utils.bf16_speedup(model, x)
+    assert 0.05 < speedup < 20 and steady in (True, False) and time.perf_counter() - start < 10
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+
+
+def test_resume_keeps_the_precision_the_run_started_with(tmp_path, monkeypatch, capsys):
+    """A run that measured bf16 faster continues in bf16 under --resume although bf16 would now measure slower:
+    args.json decides, and nothing is timed again."""
+    stub_bf16_probe(monkeypatch, tmp_path, 2.0)
+    out = tmp_path / "run"
+    tp.main([*TINY, "--epochs", "1", "--out-dir", str(out)])
+    final = utils.load_checkpoint(out / "final.pt")
+    final["args"]["epochs"] = 2
+    torch.save(final, out / "final.pt")
+    probed = stub_bf16_probe(monkeypatch, tmp_path / "later", 0.5)
+    autocast_seen = autocast_spy(monkeypatch)
+    capsys.readouterr()
+    tp.main(["--resume", str(out)])
+    assert probed == [] and autocast_seen and set(autocast_seen) == {True}
+    assert "bf16 autocast (as the run started)" in capsys.readouterr().out.splitlines()[0]
+    assert utils.load_checkpoint(out / "final.pt")["args"]["amp"] is True
 
 
 def test_bf16_run_resumes_bit_identically(tmp_path):
@@ -191,8 +249,8 @@ def test_batch_must_divide_among_processes(monkeypatch):
 
 
 def test_bench_train_runs_with_tiny_settings(tmp_path, root):
-    """Three variants in their own processes; without --amp our step takes the training scripts' rule
-    (bf16 where it pays), both peer loops fp32; channels_last (on by default) applies to our step only."""
+    """Three variants in their own processes; without --amp our step takes the training scripts' rule (bf16
+    where it measures faster), both peer loops fp32; channels_last (on by default) applies to our step only."""
     out = tmp_path / "bench.json"
     result = run_script(root / "benchmarks" / "bench_train.py", "--arch", "small-cnn", "--batch-size", "16",
                         "--warmup", "1", "--steps", "1", "--pgd-steps", "1", "--eval-images", "8", "--workers", "0",
@@ -204,7 +262,8 @@ def test_bench_train_runs_with_tiny_settings(tmp_path, root):
     for variant in ("ours", "efficient-peer", "conventional", "eval-pgd20"):
         assert report[variant]["images_per_second"] > 0 and report[variant]["peak_memory_mib"] > 0
         assert report[variant]["forward_gflops_per_image"] == pytest.approx(report["ours"]["forward_gflops_per_image"])
-    assert report["ours"]["amp"] is utils.bf16_pays(CPU)
+    assert report["ours"]["precision"].startswith("bf16 autocast (" if report["ours"]["amp"] else "fp32 (")
+    assert f"our step: {report['ours']['precision']}" in result.stdout
     assert report["efficient-peer"]["amp"] is report["conventional"]["amp"] is False
     assert report["ours"]["channels_last"] is True
     assert report["efficient-peer"]["channels_last"] is report["conventional"]["channels_last"] is False

@@ -17,7 +17,7 @@ import train_piat as tp
 import train_vit as tv
 import utils
 from sweep import read_metrics
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_script, stub_bf16_probe
 
 TINY_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 TINY_VIT = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_KWARGS),
@@ -316,7 +316,8 @@ def test_a_run_starts_from_the_adapted_pretrained_file(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(tmp_path, root):
+def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(tmp_path, root, monkeypatch):
+    probed = stub_bf16_probe(monkeypatch, tmp_path, 0.5)
     out = tmp_path / "run"
     tv.main([*TINY_VIT, "--epochs", "1", "--ard", "--prm", "--piat", "--out-dir", str(out)])
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
@@ -327,7 +328,8 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     assert row["alpha"] == pytest.approx(0.1) and 0 <= row["test_pgd20_acc"] <= row["test_clean_acc"] <= 1
     args = json.loads((out / "args.json").read_text())
     assert args["ard"] and args["prm"] and args["piat"] and args["model_kwargs"] == TINY_KWARGS
-    assert args["amp"] is utils.bf16_pays(torch.device("cpu"))  # the default, resolved before args.json
+    assert args["amp"] is False  # the default, measured on the ViT's own input (NCHW, as it trains) before args.json
+    assert [tuple(x.shape) for x in probed] == [(utils.PROBE_IMAGES, 3, 32, 32)] and probed[0].is_contiguous()
     assert args["method"] == "vit_tiny_patch16_224: PIAT + PGD-AT + A&P" and args["pretrained_weights"] is None
     final = utils.load_checkpoint(out / "final.pt")
     assert final["script"] == "train_vit.py" and final["arch"] == "vit_tiny_patch16_224" and "resume" in final
@@ -352,7 +354,7 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
 
 
 def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch):
-    flags = [*TINY_VIT, "--epochs", "2", "--ard", "--prm", "--ap-warmup-epochs", "2", "--loss", "trades"]
+    flags = [*TINY_VIT, "--epochs", "2", "--ard", "--prm", "--ap-warmup-epochs", "2", "--loss", "trades", "--no-amp"]
     whole = tmp_path / "whole"
     tv.main([*flags, "--out-dir", str(whole)])
 
