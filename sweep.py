@@ -584,14 +584,14 @@ def seed_values(results, run_dirs, role, attack):
             values.append(evals[role, attack]["accuracy"])
         elif role.endswith("epoch") and rows:
             values.append(max(row[column] for row in rows) if role == "best epoch" else rows[-1][column])
-        elif role == "oscillation" and len(rows) > 4:
-            values.append(oscillation([row[column] for row in rows]))
+        elif role == "oscillation" and len(rows) > 4:  # after the first quarter of the epochs
+            values.append(oscillation([row[column] for row in rows[len(rows) // 4 :]]))
     return values
 
 
-def oscillation(accuracies):
-    """The mean |change| of an accuracy from one epoch to the next after the first quarter of the epochs."""
-    return float(np.abs(np.diff(accuracies[len(accuracies) // 4 :])).mean())
+def oscillation(values):
+    """Mean absolute change between consecutive epochs (0 for fewer than two epochs)."""
+    return float(np.abs(np.diff(np.asarray(values, dtype=float))).mean()) if len(values) > 1 else 0.0
 
 
 def seed_interval(results, reference, run_dirs, role, attack):

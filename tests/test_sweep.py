@@ -343,7 +343,11 @@ def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):
     for method, expected in (("PGD-AT", 10.0), ("PGD-AT + EMA", 2.0), ("PIAT + NMSE", 10.0)):
         row = next(line for line in lines if line.startswith(f"| {method} |"))
         assert row.split("|")[1 + column].strip() == f"{expected:.2f} ± 0.00", row  # 6 changes of 0.1 (or 0.02)
-    assert sweep.oscillation([0.1, 0.9, 0.2, 0.4, 0.3]) == pytest.approx((0.7 + 0.2 + 0.1) / 3)  # from epoch 2 on
+    run_dir = plan.tables["ema", "synthetic"]["PIAT"][0]  # the first quarter of the epochs is left out
+    (run_dir / "metrics.csv").write_text("epoch,test_pgd20_acc\n1,0.1\n2,0.9\n3,0.2\n4,0.4\n5,0.3\n")
+    values = sweep.seed_values({run_dir: {"eval": {}, "metrics": sweep.run_metrics(run_dir)}}, [run_dir],
+                               "oscillation", "pgd20")
+    assert values == [pytest.approx((0.7 + 0.2 + 0.1) / 3)]
     at = lines.index(next(line for line in lines if line.startswith("| PGD-AT + EMA |")))
     seeds = [c.strip() for c in lines[at + 2].strip("|").split("|")]
     assert seeds[1] == "Δ over seeds" and seeds[column] == "-8.00 [-8.0, -8.0]", lines[at + 2]
