@@ -46,9 +46,7 @@ AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 NORMALIZATIONS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), **utils.CHANNEL_STATS}
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"state_dict": {...}} and the like
-# The row label of each --loss, and the paper's numbers (their one copy: sweep.py --report and paper.ipynb read them)
-LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL",
-              "cfa": "CFA", "rat": "RAT"}
+# The paper's numbers (their one copy: sweep.py --report and paper.ipynb read them)
 # The PIAT paper's Table I (ResNet-18): dataset -> method -> (best, final, diff) for Clean, PGD20, CW, AA, in %
 PAPER_TABLE_I = {
     "cifar10": {
@@ -413,7 +411,8 @@ def project_model(path):
     model = utils.build_model(arch, checkpoint["num_classes"], checkpoint["mean"], checkpoint["std"],
                               **(checkpoint.get("model_kwargs") or {}))
     load_weights(model, checkpoint["model"], path, arch)
-    return model, {"kind": checkpoint.get("script", "train_piat.py"), "arch": arch, "method": method_name(checkpoint),
+    script = checkpoint.get("script", "train_piat.py")  # the row label is the name on the run's curves.png
+    return model, {"kind": script, "arch": arch, "method": utils.method_name(saved, script),
                    "weights": checkpoint.get("weights", "trained"), "epoch": checkpoint.get("epoch"),
                    "epochs": saved.get("epochs"), "num_classes": checkpoint["num_classes"],
                    "image_shape": checkpoint.get("image_shape"), "dataset": saved.get("dataset"),
@@ -444,25 +443,6 @@ def state_dict_model(path, args):
     return model, {"kind": "state_dict", "arch": args.arch, "method": path.stem, "weights": "trained", "epoch": None,
                    "epochs": None, "num_classes": num_classes, "image_shape": None, "dataset": None,
                    "data_dir": None, "image_size": None}
-
-
-def method_name(checkpoint):
-    """A Table I row label from a checkpoint's flags: "PGD-AT", "PIAT + NMSE", "TRADES", "PGD-AT + EMA", ..., or
-    the label its script stored as args["method"] (train_rdat.py: "RDAT + PIAT", ...). A weight average the run
-    reports (--ema, --swa-start) is part of the name; CFA's own average (FAWA) is part of CFA."""
-    args = checkpoint.get("args") or {}
-    if args.get("method"):
-        return str(args["method"])
-    script = Path(checkpoint.get("script") or "train_piat.py").stem
-    loss = args.get("loss")
-    name = LOSS_NAMES.get(loss, loss or script)
-    if args.get("piat"):
-        name = "PIAT" if loss == "ce" else f"PIAT + {name}"
-    if args.get("ema") is not None:
-        name += " + EMA"
-    elif args.get("swa_start") is not None:
-        name += " + SWA"
-    return name if script == "train_piat" else f"{script}: {name}"
 
 
 def unwrap_state_dict(obj, path):

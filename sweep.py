@@ -37,8 +37,8 @@ import scipy.stats
 from matplotlib.figure import Figure
 
 import utils
-from evaluate import (ATTACK_TITLES, ATTACKS, LOSS_NAMES, PAPER_CPA, PAPER_TABLE_I, PAPER_TABLE_IV, choice_list,
-                      compare_flags)
+from evaluate import (ATTACK_TITLES, ATTACKS, PAPER_CPA, PAPER_TABLE_I, PAPER_TABLE_IV, choice_list, compare_flags)
+from utils import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parent
 SIGNAL_DELAY_S = 120  # Slurm warns a job (USR2) this long before its time limit: time to stop and requeue
@@ -91,7 +91,7 @@ Step = namedtuple("Step", "attacks flags landscape view", defaults=((), False, "
 
 def label(loss, piat):
     """The paper's name of a loss with or without PIAT ("PIAT" alone is PGD-AT with PIAT)."""
-    return ("PIAT" if loss == "ce" else f"PIAT + {LOSS_NAMES[loss]}") if piat else LOSS_NAMES[loss]
+    return utils.method_name({"loss": loss, "piat": piat})
 
 
 def piat_run(P, arch, loss, piat, *more):

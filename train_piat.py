@@ -340,11 +340,11 @@ def train(args, checkpoint, rank, world_size, device, stop):
         model.compile()
     train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
     column = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"  # what best.pt is chosen on
-    log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args, title=run_title(args)) if rank == 0 else None
+    log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args) if rank == 0 else None
     epsilon, step_size, classes = args.epsilon / 255, args.step_size / 255, data.num_classes
     if rank == 0:
-        print(f"{args.arch} on {args.dataset}: {len(split['train'][0])} training images, {run_title(args)}, "
-              f"{args.epochs} epoch{'s' * (args.epochs != 1)} on {world_size} x {device}, "
+        print(f"{utils.method_name(args, SCRIPT)}, {args.arch} on {args.dataset}: {len(split['train'][0])} training "
+              f"images, {args.epochs} epoch{'s' * (args.epochs != 1)} on {world_size} x {device}, "
               f"{precision}"
               f"{', compiled' if args.compile else ''}; writing {run_dir}", flush=True)
 
@@ -448,11 +448,6 @@ def eval_logits(model, x):
         logits = model(x).float()
     model.train()
     return logits
-
-
-def run_title(args):
-    title = f"{args.loss}{' + PIAT' if args.piat else ''}"
-    return title + (f" + EMA {args.ema:g}" if args.ema else f" + SWA from {args.swa_start}" if args.swa_start else "")
 
 
 def main(argv=None):

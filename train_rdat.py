@@ -149,7 +149,6 @@ def parse_args(argv=None):
     start, every = scaled_redistribution(args.epochs)
     args.redistribute_from = start if args.redistribute_from is None else args.redistribute_from
     args.redistribute_every = every if args.redistribute_every is None else args.redistribute_every
-    args.method = ("RDAT" if args.lam > 0 else "Generalist") + (" + PIAT" if args.piat else "")  # evaluate.py's label
     if not args.piat and args.alpha_fixed is not None:
         p.error("--alpha-fixed needs --piat")
     if args.lr == 0 and not args.resume:
@@ -457,13 +456,12 @@ def train(args, checkpoint, rank, world_size, device, stop):
         models[f"train_{name}"] = (nn.parallel.DistributedDataParallel(models[name], broadcast_buffers=False)
                                    if world_size > 1 else models[name])
     column = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"  # what best.pt is chosen on
-    log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args, title=f"{args.method} (global learner)") \
-        if rank == 0 else None
+    log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args) if rank == 0 else None
     if rank == 0:
         schedule = redistribution_epochs(args.epochs, args.redistribute_from, args.redistribute_every)
         shown = ", ".join(map(str, schedule[:4])) + (f", ..., {schedule[-1]}" if len(schedule) > 4 else "")
-        print(f"{args.arch} on {args.dataset}: {len(split['train'][0])} training images, {args.method} (lam "
-              f"{args.lam:g}), redistribution {args.redistribute_mode}"
+        print(f"{utils.method_name(args, SCRIPT)} (lam {args.lam:g}), {args.arch} on {args.dataset}: "
+              f"{len(split['train'][0])} training images, redistribution {args.redistribute_mode}"
               f"{f' on epochs {shown}' if args.redistribute_mode != 'off' and schedule else ''}, {args.epochs} "
               f"epoch{'s' * (args.epochs != 1)} on {world_size} x {device}, {precision}"
               f"{', compiled' if args.compile else ''}; writing {run_dir}", flush=True)

@@ -161,10 +161,6 @@ def parse_args(argv=None):
     args.arch, tag = timm.models.split_model_name_tag(args.model)
     if not timm.is_model(args.arch):
         p.error(f"--model {args.model}: timm has no model {args.arch!r} (the paper's: {', '.join(PRETRAINED_TAGS)})")
-    # the Table IV row label evaluate.py shows, e.g. "deit_small_patch16_224: PIAT + TRADES + A&P"
-    augment = {(True, True): " + A&P", (True, False): " + ARD", (False, True): " + PRM"}.get((args.ard, args.prm), "")
-    loss = {"ce": "PGD-AT", "nmse": "NMSE", "trades": "TRADES", "mart": "MART"}[args.loss]
-    args.method = f"{args.arch}: {'PIAT + ' if args.piat else ''}{loss}{augment}"
     # what the network starts from, recorded in args.json
     tag = tag or PRETRAINED_TAGS.get(args.arch, "")
     args.pretrained_weights = (None if not args.pretrained else args.pretrained_file if args.pretrained_file
@@ -397,12 +393,12 @@ def train(args, checkpoint, rank, world_size, device, stop):
         model.compile()
     train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
     column = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"  # what best.pt is chosen on
-    log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args, title=vit_title(args)) if rank == 0 else None
+    log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args) if rank == 0 else None
     if rank == 0:
-        print(f"{args.arch} ({args.img_size}x{args.img_size}, patch {args.patch_size}, "
+        print(f"{utils.method_name(args, SCRIPT)} ({args.img_size}x{args.img_size}, patch {args.patch_size}, "
               f"{'from ' + args.pretrained_weights if args.pretrained_weights else 'from scratch'}) on {args.dataset}: "
-              f"{len(split['train'][0])} training images, {vit_title(args)} (A&P warm-up {args.ap_warmup_epochs:g} "
-              f"epochs), {args.epochs} epoch{'s' * (args.epochs != 1)} on {world_size} x {device}, "
+              f"{len(split['train'][0])} training images, A&P warm-up {args.ap_warmup_epochs:g} "
+              f"epochs, {args.epochs} epoch{'s' * (args.epochs != 1)} on {world_size} x {device}, "
               f"{precision}"
               f"{', compiled' if args.compile else ''}; writing {run_dir}", flush=True)
 
@@ -485,11 +481,6 @@ def eval_logits(model, x):
         logits = model(x).float()
     model.train()
     return logits
-
-
-def vit_title(args):
-    ap = "".join(f" + {name}" for name, on in (("ARD", args.ard), ("PRM", args.prm)) if on)
-    return f"{args.arch} {args.loss}{ap}{' + PIAT' if args.piat else ''}"
 
 
 def main(argv=None):

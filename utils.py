@@ -717,7 +717,7 @@ def save_epoch(run_dir, checkpoint, training_state, column, log, last):
         return
     log.write(metrics[-1])
     if last or time.monotonic() - log.plotted >= 30:  # a plot takes 0.5-2 s, which short epochs would feel
-        plot_curves(metrics, run_dir / "curves.png", title=log.title)
+        plot_curves(metrics, run_dir / "curves.png", checkpoint["args"], checkpoint["script"])
         log.plotted = time.monotonic()
 
 
@@ -730,8 +730,8 @@ class MetricsLog:
     WANDB_RUN_GROUP). A resumed run writes its restored `rows` again (TensorBoard drops its older events, W&B
     continues the run of args.wandb_id), so both always read back as metrics.csv."""
 
-    def __init__(self, run_dir, fields, rows, args, title=""):
-        self.run_dir, self.title, self.plotted, self.wandb = Path(run_dir), title, time.monotonic(), None
+    def __init__(self, run_dir, fields, rows, args):
+        self.run_dir, self.plotted, self.wandb = Path(run_dir), time.monotonic(), None
         self.file = open(self.run_dir / "metrics.csv", "w", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         self.csv.writeheader()
@@ -775,33 +775,67 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def plot_curves(metrics, path, title=""):
-    """Clean and PGD-20 accuracy per epoch (left), training loss, alpha and RDAT's beta (right), saved as PNG."""
+LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL",
+              "cfa": "CFA", "rat": "RAT"}
+
+
+def method_name(args, script="train_piat.py"):
+    """A run's one name (curves.png, every table and card) from its flags (dict or Namespace) and script: "PGD-AT",
+    "PIAT" (PGD-AT with PIAT), "PIAT + NMSE", "PGD-AT + EMA", "RDAT + PIAT", "vit_base_patch16_224: PIAT + A&P", ...
+    A reported weight average (--ema, --swa-start) is part of the name; CFA's own (FAWA) is part of CFA."""
+    args, script = args if isinstance(args, dict) else vars(args), Path(script).stem
+    if script == "train_rdat":
+        return ("RDAT" if args["lam"] > 0 else "Generalist") + (" + PIAT" if args["piat"] else "")
+    loss = args.get("loss")
+    name = LOSS_NAMES.get(loss, loss or script)
+    name = ("PIAT" if loss == "ce" else f"PIAT + {name}") if args.get("piat") else name
+    name += " + EMA" if args.get("ema") is not None else " + SWA" if args.get("swa_start") is not None else ""
+    if script == "train_vit":  # A&P = ARD + PRM
+        ap = " + A&P" if args["ard"] and args["prm"] else " + ARD" if args["ard"] else " + PRM" if args["prm"] else ""
+        return f"{args['arch']}: {name}{ap}"
+    return name if script == "train_piat" else f"{script}: {name}"
+
+
+def plot_curves(metrics, path, args, script):
+    """curves.png, titled with the run's method_name: accuracy per epoch (left; dotted, the other weights a run
+    evaluates: the trained ones beside a weight average, RDAT's robust learner), the training loss with PIAT's
+    alpha and RDAT's beta (right). Only the lines that mean something for the run; legends off the data. Returns
+    the Figure."""
     from matplotlib.figure import Figure  # no pyplot: drawing here never changes a notebook's backend
 
-    epochs = [m["epoch"] for m in metrics]
-    fig = Figure(figsize=(11, 4))
+    args = args if isinstance(args, dict) else vars(args)
+    logged = {key for key, value in (metrics[0] if metrics else {}).items() if value not in ("", None)}
+    logged -= set() if args.get("piat") else {"alpha"}  # 0 throughout a run without PIAT
+    average = "EMA" if args.get("ema") is not None else "SWA" if args.get("swa_start") is not None else "FAWA"
+    other, ours, theirs = (("raw_test", f", {average} weights", ", trained weights") if "raw_test_pgd20_acc" in logged
+                           else ("robust_learner", ", global learner", ", robust learner") if "beta" in logged
+                           else ("", "", ""))
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    fig.suptitle(method_name(args, script), fontsize="x-large")
     ax_acc, ax_loss = fig.subplots(1, 2)
-    for key, label, style in (("train_clean_acc", "train clean", "C0--"), ("train_robust_acc", "train robust", "C1--"),
-                              ("test_clean_acc", "test clean", "C0-"), ("test_pgd20_acc", "test PGD-20", "C1-"),
-                              ("raw_test_pgd20_acc", "test PGD-20, trained weights", "C1:"),
-                              ("test_worst_pgd20_acc", "test PGD-20, worst class", "C3-"),
-                              ("val_pgd20_acc", "val PGD-20", "C2-")):
-        if metrics and metrics[0].get(key) not in ("", None):
-            ax_acc.plot(epochs, [100 * m[key] for m in metrics], style, marker=".", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
-    ax_acc.legend()
-    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "k-", marker=".", label="train loss")
+    ax_share = ax_loss.twinx() if {"alpha", "beta"} & logged else None
+    legends = {ax_acc: [], ax_loss: []}
+    for key, label, style in (
+            ("train_clean_acc", "train clean", "C0--"), ("train_robust_acc", "train robust", "C1--"),
+            ("test_clean_acc", f"test clean{ours}", "C0-"), ("test_pgd20_acc", f"test PGD-20{ours}", "C1-"),
+            (f"{other}_clean_acc", f"test clean{theirs}", "C0:"), (f"{other}_pgd20_acc", f"test PGD-20{theirs}", "C1:"),
+            ("test_worst_pgd20_acc", "test PGD-20, worst class", "C3-"), ("val_pgd20_acc", "val PGD-20", "C2-"),
+            ("train_loss", "train loss", "k-"), ("alpha", "alpha (PIAT)", "C3:"), ("beta", "beta (RDAT)", "C4:")):
+        if key in logged:
+            ax = ax_acc if key.endswith("_acc") else ax_loss if key == "train_loss" else ax_share
+            legends[ax_acc if ax is ax_acc else ax_loss] += ax.plot(
+                [m["epoch"] for m in metrics], [m[key] * (100 if ax is ax_acc else 1) for m in metrics], style,
+                marker=".", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
     ax_loss.set(xlabel="epoch", ylabel="train loss")
-    ax_alpha = ax_loss.twinx()
-    for key, style in (("alpha", "C3:"), ("beta", "C4:")):
-        if metrics and key in metrics[0]:
-            ax_alpha.plot(epochs, [m[key] for m in metrics], style, marker=".", label=key)
-    ax_alpha.set(ylabel="alpha, beta", ylim=(-0.05, 1.05))
-    ax_loss.legend(loc="upper left")
-    ax_alpha.legend(loc="upper right")
-    fig.tight_layout()
+    if ax_share:
+        ax_share.set(ylabel=", ".join(k for k in ("alpha", "beta") if k in logged), ylim=(-0.05, 1.05))
+    for ax, lines in legends.items():  # below the axes; a lone line is named by its axis label
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs 1, 2, 3, not 1.25
+        if len(lines) > 1:
+            ax.legend(handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2, frameon=False)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    return fig
 
 
 # === How a run stops: divergence, stop signals, one line and an exit status (docs/failures.md)

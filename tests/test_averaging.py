@@ -113,8 +113,7 @@ def test_swa_is_the_mean_of_the_end_of_epoch_weights_with_recomputed_batchnorm(t
             assert not torch.allclose(buffer, epoch_weights[-1][name], atol=1e-3), name  # not the trained ones
     rows = read_metrics(out / "metrics.csv")
     assert rows[0]["test_clean_acc"] == rows[0]["raw_test_clean_acc"]  # before --swa-start: the trained weights
-    method = ev.method_name(final)
-    assert method == "PIAT + SWA"
+    assert ev.project_model(out / "final.pt")[1]["method"] == "PIAT + SWA"
 
 
 def test_piat_every_one_epoch_is_the_papers_piat_exactly(tmp_path):

@@ -158,7 +158,7 @@ def test_two_epochs_write_every_output_and_log_the_global_learner(tmp_path, monk
     assert [d for _, d in mixes] == pytest.approx([tr.ema_decay(s) for s in range(6)])
     assert emas == pytest.approx([tr.ema_decay(s // 2) for s in range(12)])  # robust, natural, robust, ...
     args = json.loads((out / "args.json").read_text())
-    assert args["lam"] == 6.0 and args["piat"] is False and args["method"] == "RDAT"
+    assert args["lam"] == 6.0 and args["piat"] is False and utils.method_name(args, tr.SCRIPT) == "RDAT"
     assert args["amp"] is False  # the default, measured on the robust learner (channels_last) before args.json
     assert [tuple(x.shape) for x in probed] == [(utils.PROBE_IMAGES, 3, 32, 32)]
     assert probed[0].is_contiguous(memory_format=torch.channels_last)
@@ -238,7 +238,7 @@ def test_lam_zero_is_generalist_and_amp_runs(tmp_path, monkeypatch):
     row = read_metrics(out / "metrics.csv")[0]
     assert 0 < row["train_loss"] < 10
     args = utils.load_checkpoint(out / "final.pt")["args"]
-    assert args["method"] == "Generalist" and args["amp"] is True
+    assert utils.method_name(args, tr.SCRIPT) == "Generalist" and args["amp"] is True
 
 
 def test_piat_interpolates_the_robust_learner(tmp_path, monkeypatch):
@@ -262,7 +262,7 @@ def test_piat_interpolates_the_robust_learner(tmp_path, monkeypatch):
         assert torch.equal(final["resume"]["robust"][k], v)  # it is the robust learner that is interpolated
         if v.is_floating_point():
             assert torch.allclose(v, alpha_1 * prev_1[k] + (1 - alpha_1) * before_1[k], atol=1e-6)
-    assert final["args"]["method"] == "RDAT + PIAT"
+    assert utils.method_name(final["args"], tr.SCRIPT) == "RDAT + PIAT"
 
 
 RESUME_RUN = [*TINY, "--epochs", "4", "--train-size", "128", "--batch-size", "16", "--piat", "--no-amp"]

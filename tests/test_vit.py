@@ -234,9 +234,9 @@ def test_lr_schedule_and_defaults():
     assert tv.parse_args(["--no-pretrained"]).pretrained_weights is None
     assert tv.parse_args(["--pretrained-file", "w.pth"]).pretrained_weights == "w.pth"
     # the Table IV row label evaluate.py shows
-    assert tv.parse_args(["--model", "deit_small_patch16_224", "--loss", "trades", "--ard", "--prm"]).method == \
-        "deit_small_patch16_224: PIAT + TRADES + A&P"
-    assert tv.parse_args(["--no-piat", "--prm"]).method == "vit_base_patch16_224: PGD-AT + PRM"
+    assert utils.method_name(tv.parse_args(["--model", "deit_small_patch16_224", "--loss", "trades", "--ard",
+                                            "--prm"]), tv.SCRIPT) == "deit_small_patch16_224: PIAT + TRADES + A&P"
+    assert utils.method_name(tv.parse_args(["--no-piat", "--prm"]), tv.SCRIPT) == "vit_base_patch16_224: PGD-AT + PRM"
 
 
 # ------------------------------------------------------------------------------------------ 32x32 adaptation
@@ -330,7 +330,8 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     assert args["ard"] and args["prm"] and args["piat"] and args["model_kwargs"] == TINY_KWARGS
     assert args["amp"] is False  # the default, measured on the ViT's own input (NCHW, as it trains) before args.json
     assert [tuple(x.shape) for x in probed] == [(utils.PROBE_IMAGES, 3, 32, 32)] and probed[0].is_contiguous()
-    assert args["method"] == "vit_tiny_patch16_224: PIAT + PGD-AT + A&P" and args["pretrained_weights"] is None
+    assert utils.method_name(args, tv.SCRIPT) == "vit_tiny_patch16_224: PIAT + A&P"
+    assert args["pretrained_weights"] is None
     final = utils.load_checkpoint(out / "final.pt")
     assert final["script"] == "train_vit.py" and final["arch"] == "vit_tiny_patch16_224" and "resume" in final
     assert final["model_kwargs"] == {"img_size": 32, "patch_size": 4, **TINY_KWARGS}
@@ -350,7 +351,7 @@ def test_one_epoch_with_ard_prm_piat_writes_every_output_and_evaluate_reads_it(t
     got = {(r["role"], r["attack"]): r["accuracy"] for r in results}
     assert set(got) == {(role, attack) for role in ("best", "final") for attack in ("clean", "pgd20")}
     assert all(0 <= got[(role, "pgd20")] <= got[(role, "clean")] <= 1 for role in ("best", "final"))
-    assert {r["method"] for r in results} == {args["method"]}  # the Table IV row label
+    assert {r["method"] for r in results} == {"vit_tiny_patch16_224: PIAT + A&P"}  # the Table IV row label
 
 
 def test_interrupted_run_resumes_to_the_same_final_weights(tmp_path, monkeypatch):
