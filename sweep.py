@@ -675,6 +675,18 @@ def curves_csv(table, results, columns=("test_clean_acc", "test_pgd20_acc")):
     return "\n".join(lines) + "\n"
 
 
+def curves_from_csv(text):
+    """(table, results) of a curves_csv text, as plot_mean_curves takes them: a saved study's figure drawn again from
+    its numbers, without its runs."""
+    table, results = {}, {}
+    for row in csv.DictReader(io.StringIO(text)):
+        key = (row.pop("method"), int(row.pop("seed")))
+        if key not in results:
+            table.setdefault(key[0], []).append(key)
+        results.setdefault(key, {"metrics": []})["metrics"].append({k: float(v) for k, v in row.items()})
+    return table, results
+
+
 def plot_bars(groups, results, title, ylabel):
     """The best checkpoint's accuracy, mean and std over seeds, of `groups`: [(legend, attack, {x: run folders})]."""
     fig = Figure(figsize=(8, 4))

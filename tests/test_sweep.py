@@ -356,6 +356,12 @@ def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):
     assert tidy[0] == "method,seed,epoch,test_clean_acc,test_pgd20_acc" and len(tidy) == 1 + 5 * 3 * 8
     assert [float(line.split(",")[-1]) for line in tidy if line.startswith('"PGD-AT",1,')] == pytest.approx(
         curves[plan.tables["ema", "synthetic"]["PGD-AT"][1]])
+    table, results = sweep.curves_from_csv("\n".join(tidy))  # the figure again, from the saved numbers alone
+    assert list(table) == list(plan.tables["ema", "synthetic"]) and all(len(keys) == 3 for keys in table.values())
+    assert [row["test_pgd20_acc"] for row in results[table["PGD-AT"][1]]["metrics"]] == pytest.approx(
+        curves[plan.tables["ema", "synthetic"]["PGD-AT"][1]])
+    assert sweep.plot_mean_curves(table, results, "again").axes[0].lines[0].get_ydata() == pytest.approx(
+        [100 * sum(curves[d][e] for d in plan.tables["ema", "synthetic"]["PGD-AT"]) / 3 for e in range(8)])
 
 
 FAKE_SBATCH = """#!{python}
