@@ -8,6 +8,7 @@ import argparse
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -47,7 +48,25 @@ class ArgumentParser(argparse.ArgumentParser):
             unset = object()  # parsed again with every flag unset: what is set now was typed (abbreviated, or =value)
             again, _ = super().parse_known_args(args, argparse.Namespace(**{a.dest: unset for a in self._actions}))
             parsed.typed = {dest for dest, value in vars(again).items() if value is not unset}
+            parsed.refused = self.refused
         return parsed
+
+    def refused(self, saved):
+        """What this parser refuses among a run's saved flags `saved`, in a few words, or None: a flag missing, a value
+        its type or choices refuse, or of another type ("2" for an int)."""
+        for action in (a for a in self._actions if a.default is not argparse.SUPPRESS):
+            value = saved.get(action.dest)
+            flag = next((o for o in action.option_strings if o.startswith("--")), action.dest)
+            try:
+                for item in [] if value is None else value if action.nargs in ("*", "+") else [value]:
+                    parsed = item if action.type in (None, str) else action.type(
+                        ",".join(map(str, item)) if isinstance(item, list) else str(item))  # as typed, again
+                    assert parsed == item and (action.nargs != 0 or isinstance(item, bool)) and item in (
+                        action.choices or [item]), ""
+                assert action.dest in saved, "written by another version?"
+            except (ValueError, TypeError, AssertionError, argparse.ArgumentTypeError) as err:
+                return f"{flag} {value!r}, which {self.prog} refuses" + (f" ({err})" if str(err) else "")
+        return None
 
 
 def number(kind, low=-math.inf, high=math.inf, open_bounds=False):
@@ -614,14 +633,24 @@ def resume_args(args, script):
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     try:
         saved = json.loads((run_dir / "args.json").read_text())
-    except (OSError, ValueError):
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError):
         raise UserError(f"--resume {args.resume}: no run there (no readable {run_dir / 'args.json'})") from None
     if saved.get("script") != script:
         raise UserError(f"--resume {args.resume}: a run of {saved.get('script') or 'another program'}, not {script}")
     checkpoint = load_checkpoint(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
+    if checkpoint is not None and not isinstance(checkpoint.get("resume"), dict):
+        raise UserError(f"{run_dir / 'final.pt'} holds no training state to continue from; start a new run")
+    if checkpoint is None and ((run_dir / "best.pt").exists() or (run_dir / "metrics.csv").is_file() and (
+            run_dir / "metrics.csv").read_text(errors="replace").count("\n") > 1):  # a row under the header
+        raise UserError(f"--resume {args.resume}: final.pt is missing but best.pt or metrics.csv hold saved epochs, "
+                        "so it cannot continue exactly; start a new run (this folder is left as it is)")
+    own = checkpoint["args"] if checkpoint else saved
+    if args.refused(own):  # a hand edit, or an older version: refused before anything is written
+        raise UserError(f"--resume {args.resume}: its {'final.pt' if checkpoint else 'args.json'} holds "
+                        f"{args.refused(own)}; start a new run")
     if checkpoint is None:
         print(f"{run_dir} saved no epoch yet: starting it over with its own flags", flush=True)
-    own = checkpoint["args"] if checkpoint else saved
     for key in sorted(getattr(args, "typed", set()) - RESUME_MAY_CHANGE):  # sweep.py repeats the run's own flags
         value = getattr(args, key)
         if key == "out_dir" and Path(value).resolve() == run_dir.resolve() or value == own.get(key, value):
@@ -663,9 +692,6 @@ class MetricsLog:
 
     def __init__(self, run_dir, fields, rows, args, title=""):
         self.run_dir, self.title, self.plotted, self.wandb = Path(run_dir), title, time.monotonic(), None
-        self.file = open(self.run_dir / "metrics.csv", "w", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-        self.csv.writeheader()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # a copied script in a project without tensorboard still runs
@@ -685,8 +711,14 @@ class MetricsLog:
             except wandb.errors.UsageError as err:
                 raise UserError(f"--track: {err} (WANDB_MODE=offline logs without an account)") from None
         self.wandb_logged = len(rows) - 1  # a killed process may have lost the last row in W&B's buffer: log it again
+        self.file = io.StringIO()  # the header and restored rows replace metrics.csv whole: it is never cut short
+        self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+        self.csv.writeheader()
         for row in rows:
             self.write(row)
+        atomic_write(self.run_dir / "metrics.csv", lambda f: f.write(self.file.getvalue().encode()))
+        self.file = open(self.run_dir / "metrics.csv", "a", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
 
     def write(self, row):
         self.csv.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
