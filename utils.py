@@ -557,6 +557,27 @@ def save_json(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
+def check_output(path, flag, ours):
+    """`path`, or one UserError unless it can be written (a file in a writable folder) and is new or this command's
+    own output: ours(path), or with `ours` a writer's name, text signed(..., ours) wrote, unedited. Nothing anyone
+    else wrote, nor an output edited since, is ever replaced."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"{path} cannot be written (a folder, or not in a writable folder); choose another {flag}")
+    text = "" if callable(ours) or not path.is_file() else path.read_bytes().decode(errors="replace")
+    if path.exists() and not (ours(path) if callable(ours) else signed(text[: text.rstrip("\n").rfind("\n") + 1],
+                                                                       ours) == text):
+        raise UserError(f"{path} holds a file this command did not write (or one edited since); move it away or "
+                        f"choose another {flag}")
+    return path
+
+
+def signed(text, by):
+    """`text` with a last line (a Markdown comment) that tells this output of `by` from any other file and from an
+    edited copy of itself (check_output)."""
+    return text + f"<!-- written by {by}; sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]} -->\n"
+
+
 def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 

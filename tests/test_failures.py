@@ -124,6 +124,13 @@ BAD_INPUTS = {
     "vit-alpha-max": ("train_vit.py", ["--alpha-max", "2"], "argument --alpha-max: must be a finite number in [0, 1]",
                       2),
     "eval-epsilon": ("evaluate.py", ["{run}", "--epsilon", "nan"], "argument --epsilon: must be a finite number", 2),
+    # every count a user types has a limit, checked before anything is spent
+    "eval-eot-draws": ("evaluate.py", ["{run}", "--eot-draws", "1000000000"], "argument --eot-draws: must be a finite "
+                                                                              "number in [1, 1000], got 1000000000", 2),
+    "eval-sanity-restarts": ("evaluate.py", ["{run}", "--sanity", "--sanity-restarts", "1000000000"],
+                             "argument --sanity-restarts: must be a finite number in [0, 100]", 2),
+    "eval-landscape-steps": ("evaluate.py", ["{run}", "--landscape", "--landscape-steps", "100000"],
+                             "argument --landscape-steps: must be a finite number in [1, 101]", 2),
     # sizes beyond the data
     "piat-train-size": ("train_piat.py", ["--train-size", "10000000"], "--train-size 10000000, but the data set has "
                                                                        "only 4000 images", 1),
