@@ -247,11 +247,30 @@ def pending(run):
     if (run.run_dir / "final.pt").exists():
         checkpoint = utils.load_checkpoint(run.run_dir / "final.pt", mmap=True)  # reads no tensor
         epochs, total = checkpoint["epoch"], checkpoint["args"]["epochs"]
-    done = {(r["role"], r["attack"]) for r in read_json(run.run_dir / "eval.json", {}).get("results", [])}
-    steps = [step._replace(attacks=tuple(a for a in step.attacks if not {("best", a), ("final", a)} <= done))
-             for step in run.steps]  # the attacks measured on neither or one checkpoint, the landscape until saved
-    steps = [s for s in steps if s.attacks or (s.landscape and not (run.run_dir / "final.landscape.npz").exists())]
-    return f"epoch {epochs}/{total}" if total else "not started", total is None or epochs < total, steps
+    saved, steps = read_json(run.run_dir / "eval.json", {}), []
+    rows = {(r["role"], r["attack"]): r for r in saved.get("results", [])}
+    drawn = {(e["steps"], e["range"], e["pgd_steps"], e["epsilon"]) for e in saved.get("landscapes", [])}
+    for step in run.steps:  # what is missing, or was measured with other settings, on either checkpoint
+        a = evaluate_args([str(run.run_dir), *step.flags])
+        attacks = tuple(x for x in step.attacks if not all(measured_as(rows.get((r, x)), a) for r in ("best", "final")))
+        if attacks or step.landscape and (a.landscape_steps, a.landscape_range, a.landscape_pgd_steps,
+                                          a.epsilon / 255) not in drawn:
+            steps.append(step._replace(attacks=attacks))
+    progress = f"epoch {epochs}/{total}" if total else "no epoch saved" if (run.run_dir / "args.json").exists() else \
+        "not started"
+    return progress, total is None or epochs < total, steps
+
+
+def measured_as(row, a):
+    """Whether an eval.json result row was measured as evaluate.py's flags `a` measure it: on the same images, eps,
+    attack settings and seed."""
+    attack = row and row["attack"]
+    wanted = {"n": a.n_examples, "subset": None if a.n_examples else "all", "seed": a.seed, "amp": a.amp,
+              "epsilon_255": 0.0 if attack == "clean" else a.epsilon,
+              "step_size_255": a.step_size if attack in ("pgd20", "cw20", "eot20") else None,
+              "aa_version": a.aa_version if attack == "aa" else None,
+              "aa_attacks": a.aa_attacks if attack == "aa" and a.aa_version == "custom" else None}
+    return row is not None and all(v is None or row.get(k) == v for k, v in wanted.items())
 
 
 def next_commands(run, gpus=1):
@@ -286,7 +305,7 @@ def run_state(run, logs=None):
         return State("running", f"{progress}, {record['launcher']} job {record['job_id']}")
     error = job_error(record) if record else None
     if error and "(it diverged)" in error and started:
-        return State("failed", f"diverged at {progress}; delete its folder to train it again", log_tail(record), False)
+        return State("failed", f"diverged ({progress}); delete its folder to train it again", log_tail(record), False)
     if error:
         return State("failed", f"{progress}: {error}", log_tail(record))
     if train:
@@ -299,7 +318,8 @@ RUN_ONLY_ARGS = {"out_dir", "resume", "device", "data_dir", "track", "wandb_proj
 
 
 def script_flags(script, flags, what):
-    """`flags` through `script`'s own parser, as a dict; one UserError, naming `what`, when the script refuses them."""
+    """`flags` through `script`'s own parser, as a dict; refused (naming `what`), they end the sweep as a flag of
+    sweep.py's own: one line, exit status 2."""
     errors = io.StringIO()
     try:
         with redirect_stderr(errors):
@@ -308,7 +328,7 @@ def script_flags(script, flags, what):
         reason = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
     except utils.UserError as err:  # the script's own checks
         reason = str(err)
-    raise utils.UserError(f"{script} refuses the flags of {what}: {reason}")
+    utils.ArgumentParser(prog="sweep.py").error(f"{script} refuses the flags of {what}: {reason}")  # as our own: 2
 
 
 # === Launching: a submitit job per run, here or on Slurm (submitit imported only there), or each run in this process
@@ -385,6 +405,8 @@ def save_record(logs, run, job, launcher, commands, env=None):
 
 def job_alive(record, logs):
     """Whether the recorded job may still work on its run (then no second job is started for it)."""
+    if record["launcher"] == "inline":  # it ran in a sweep's own process, which has ended
+        return False
     if record["launcher"] == "local":
         try:
             return (not Path(record["result"]).exists() and record["host"] == socket.gethostname()
@@ -401,6 +423,8 @@ def job_alive(record, logs):
 
 def job_error(record):
     """The last line of the recorded job's error; None when it succeeded."""
+    if record["launcher"] == "inline":
+        return record["error"]
     try:
         with open(record["result"], "rb") as f:
             outcome, value = pickle.load(f)
@@ -516,18 +540,22 @@ def launch_slurm(runs, args, logs):
     return 0
 
 
-def run_inline(runs):
-    """Each of `runs` in this process, each script's main() called (its epoch bars shown here). Returns the failures."""
+def run_inline(runs, logs):
+    """Each of `runs` in this process, each script's main() called (its epoch bars shown here), its outcome recorded
+    as a job's is (a diverged run is then reported, not retried). Returns the failures."""
     failed = 0
     for number, run in enumerate(runs, 1):
         print(f"run {number}/{len(runs)}: {run.key} ({run_state(run).detail})", flush=True)
+        error = None
         for command in next_commands(run):
             try:
                 importlib.import_module(Path(command[1]).stem).main(command[2:])
             except utils.Diverged as err:
                 print(f"FAILED   {run.key}: diverged: {err}", flush=True)
-                failed += 1
+                error, failed = f"{Path(command[1]).name}: diverged: {err} (it diverged)", failed + 1
                 break
+        record_path(logs, run).parent.mkdir(parents=True, exist_ok=True)
+        utils.save_json({"run": run.key, "launcher": "inline", "error": error}, record_path(logs, run))
     return failed
 
 
@@ -726,21 +754,36 @@ def grid_report(the_plan, grid, dataset, results):
             {"rdat_vs_piat.png": plot_mean_curves(table, results, title)})
 
 
+REPORT = "sweep.py --report"  # what its files carry: a file without it (or edited since) is never replaced
+
+
 def write_report(the_plan, out_dir):
-    """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/."""
-    out_dir, results = Path(out_dir), collect(the_plan)
+    """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/, each written
+    whole; nothing is written when a file there is not an unchanged one of an earlier report."""
+    out_dir, results, files = Path(out_dir), collect(the_plan), {}
+    if not any(r["eval"] or r["metrics"] for r in results.values()):
+        raise utils.UserError(f"no run of {', '.join(dict.fromkeys(g for g, _ in the_plan.tables))} has results yet: "
+                              "nothing to report (another --sweep-dir?)")
     for grid in dict.fromkeys(grid for grid, _ in the_plan.tables):
         sections = []
         for dataset in [ds for g, ds in the_plan.tables if g == grid]:
             markdown, figures = grid_report(the_plan, grid, dataset, results)
-            (out_dir / dataset).mkdir(parents=True, exist_ok=True)
             for name, fig in figures.items():
-                fig.savefig(out_dir / dataset / name, dpi=120, bbox_inches="tight")
+                png = io.BytesIO()
+                fig.savefig(png, format="png", dpi=120, bbox_inches="tight", metadata={"Software": REPORT})
+                files[out_dir / dataset / name] = png.getvalue()
                 markdown += f"\n![{name}]({dataset}/{name})\n"
             sections.append(markdown)
-        (out_dir / f"{grid}.md").write_text("\n\n".join(sections))
-        print("\n\n".join(sections) + f"\nwrote {out_dir / grid}.md and its figures\n")
-    print(f"{sum(not r['eval'] and not r['metrics'] for r in results.values())} of {len(results)} runs without results")
+        files[out_dir / f"{grid}.md"] = utils.signed("\n\n".join(sections), REPORT).encode()
+        print("\n\n".join(sections) + f"\n{out_dir / grid}.md and its figures\n")
+    for path in (p for p in files if p.exists()):  # all checked before anything is written, a folder too
+        utils.check_output(path, "--report-dir", REPORT if path.suffix == ".md" else
+                           lambda p: f"Software\0{REPORT}".encode() in p.read_bytes())
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write(path, lambda f: f.write(data))
+    print(f"wrote {len(files)} files in {out_dir}; {sum(not r['eval'] and not r['metrics'] for r in results.values())} "
+          f"of {len(results)} runs without results")
 
 
 # === The flags (python sweep.py --help) and main
@@ -754,7 +797,7 @@ def parse_args(argv=None):
     g.add_argument("--profile", type=str, default="paper", choices=tuple(PROFILES), help="quick: paper.ipynb's CPU run")
     g.add_argument("--datasets", type=choice_list(utils.DATASETS), default=None, metavar="LIST",
                    help=f"of {','.join(utils.DATASETS)} (default: each grid's)")
-    g.add_argument("--seeds", type=utils.positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run")
+    g.add_argument("--seeds", type=utils.number(int, 1, 100), default=1, metavar="N", help="seeds 0..N-1 of every run")
     g.add_argument("--sweep-dir", type=str, default=None, metavar="DIR", help="default: runs/sweep-<profile>")
     g.add_argument("--attacks", type=choice_list([*ATTACKS, "landscape"]), default=None, metavar="LIST",
                    help=f"evaluate only these of {','.join(ATTACKS)},landscape")
@@ -839,15 +882,10 @@ def main(argv=None):
         return 1 if given_up and not args.dry_run else 0
     if args.launcher == "slurm":
         return launch_slurm(todo, args, logs)
-    failed = run_inline(todo) if args.launcher == "inline" else launch_local(todo, args.jobs, logs, adopted)
+    failed = run_inline(todo, logs) if args.launcher == "inline" else launch_local(todo, args.jobs, logs, adopted)
     print(f"{len(todo) + len(adopted) - failed} run(s) finished, {failed} failed" + (" (above)" if failed else ""))
     return 1 if failed or given_up else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (utils.UserError, OSError) as err:  # bad input, or a path the system refused
-        sys.exit(f"sweep.py: error: {utils.first_line(err)}")
-    except KeyboardInterrupt as err:
-        sys.exit(print(f"sweep.py: {str(err) or 'interrupted'}", file=sys.stderr) or 130)
+    sys.exit(utils.run_main(main, __file__))  # README's exit statuses; 1 also when a run failed (listed above)

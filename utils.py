@@ -879,8 +879,8 @@ def run_main(main, script_file):
     stderr ("<script>: ...") and its exit status, returned for sys.exit: 1 bad input, 3 diverged, 4 the machine
     (a full disk, out of memory), 128 + N a stop signal. A bug keeps its traceback."""
     try:
-        main()
-        return 0
+        status = main()  # sweep.py's says whether a run failed
+        return status if isinstance(status, int) else 0
     except UserError as err:
         line, code = f"error: {err}", 1
     except Diverged as err:
