@@ -14,9 +14,9 @@ pgd20 and cw20: 20 L-inf steps of --step-size on the cross-entropy or the CW mar
 uniform start in the --epsilon ball (the training scripts' pgd_attack), BatchNorm in eval mode, images in [0, 1];
 aa: AutoAttack through pyautoattack; eot20: PGD-20 on the logits averaged over --eot-draws draws, added for a model
 whose forward pass is random (EOT, Athalye et al. 2018). --seed is set afresh before each number. Images: the whole
-test set, or the
-first --n-examples (--subset first: cifar10/cifar100/svhn, as RobustBench) or sorted(utils.fixed_subset(n_test, N))
-(--subset fixed: image folders and synthetic sets, ordered by class; what --eval-size N evaluates every epoch).
+test set, or the first --n-examples (--subset first: cifar10/cifar100/svhn, as RobustBench) or
+sorted(utils.fixed_subset(n_test, N)) (--subset fixed: image folders and synthetic sets, ordered by class; what
+--eval-size N evaluates every epoch).
 """
 
 import argparse
@@ -24,7 +24,6 @@ import functools
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from utils import non_negative_int, number, pixel_units, positive_int
+from utils import number, pixel_units, positive_int
 
 ATTACKS = ("clean", "pgd20", "cw20", "aa")  # Table I's columns; eot20 joins them for a random model
 ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD20", "cw20": "CW", "aa": "AA", "eot20": "EOT"}
@@ -45,6 +44,9 @@ ATTACK_LOSSES = {"clean": None, "pgd20": "ce", "cw20": "cw", "eot20": "ce"}  # w
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 NORMALIZATIONS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), **utils.CHANNEL_STATS}
+NO_INFO = {"weights": "trained", "epoch": None, "epochs": None, "num_classes": None, "image_shape": None,
+           "dataset": None, "data_dir": None, "image_size": None}  # what a model from elsewhere does not say
+NOT_CONFIGURATION = {"seed", "out_dir", "exp_name", "wandb_id", *utils.RESUME_MAY_CHANGE}  # --compare: seeds of one
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"state_dict": {...}} and the like
 # The paper's numbers (their one copy: sweep.py --report and paper.ipynb read them)
 # The PIAT paper's Table I (ResNet-18): dataset -> method -> (best, final, diff) for Clean, PGD20, CW, AA, in %
@@ -78,41 +80,6 @@ PAPER_TABLE_I = {
         "PIAT + NMSE": [(91.70, 93.07, 1.37), (61.21, 59.84, 1.37), (55.88, 54.45, 1.43), (51.29, 49.82, 1.47)]},
 }
 
-# table -> dataset -> method -> (Clean, PGD20, AA) of the best checkpoint: Tables II and III (WRN-32-10), V
-PAPER_CPA = {
-    "II": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "ALP": (84.18, 53.55, 49.68), "TRADES": (82.13, 55.14, 50.38),
-                       "MART": (81.57, 56.44, 49.58), "MAIL": (84.96, 52.58, 47.26), "CFA": (86.44, 57.84, 52.96),
-                       "RAT": (83.46, 57.07, 51.56), "PIAT + NMSE": (85.04, 58.04, 53.83)},
-           "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "ALP": (58.11, 28.59, 24.45), "TRADES": (57.99, 31.97, 26.76),
-                        "MART": (55.19, 31.16, 26.46), "MAIL": (58.04, 29.50, 23.97), "CFA": (63.37, 33.89, 28.98),
-                        "RAT": (60.89, 33.39, 27.95), "PIAT + NMSE": (61.04, 35.15, 30.07)}},
-    "III": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "PIAT": (85.56, 52.80, 48.35), "ALP": (84.18, 53.55, 49.68),
-                        "PIAT + ALP": (83.35, 57.71, 52.35), "TRADES": (82.13, 55.14, 50.38),
-                        "PIAT + TRADES": (82.08, 58.93, 53.73), "MART": (81.57, 56.44, 49.58),
-                        "PIAT + MART": (79.88, 59.51, 52.84), "MAIL": (84.96, 52.58, 47.26),
-                        "PIAT + MAIL": (84.24, 57.53, 52.22)},
-            "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "PIAT": (60.09, 34.46, 29.47), "ALP": (58.11, 28.59, 24.45),
-                         "PIAT + ALP": (59.25, 34.04, 28.94), "TRADES": (57.99, 31.97, 26.76),
-                         "PIAT + TRADES": (59.78, 34.52, 29.25), "MART": (55.19, 31.16, 26.46),
-                         "PIAT + MART": (54.32, 34.87, 28.79), "MAIL": (58.04, 29.50, 23.97),
-                         "PIAT + MAIL": (58.52, 33.65, 28.00)}},
-    "V": {"cifar10": {"ALP": (79.74, 52.37, 46.13), "NMSE": (84.77, 51.56, 46.60)},
-          "cifar100": {"ALP": (57.29, 28.12, 23.57), "NMSE": (58.88, 29.55, 24.82)}},
-}
-
-# model -> loss -> (plain, A&P, PIAT + A&P) as (Clean, PGD20, AA); CIFAR-10, the paper's Table IV
-PAPER_TABLE_IV = {
-    "convit_base": {"ce": [(61.47, 38.64, 34.07), (85.21, 53.25, 49.01), (87.50, 56.25, 51.86)],
-                    "trades": [(82.75, 52.77, 49.61), (83.51, 53.21, 50.11), (86.03, 55.88, 52.35)],
-                    "mart": [(63.61, 42.51, 37.08), (80.32, 53.11, 48.35), (81.20, 56.17, 51.13)]},
-    "vit_base_patch16_224": {"ce": [(83.07, 52.93, 48.99), (84.64, 53.44, 49.67), (87.83, 56.34, 52.27)],
-                             "trades": [(83.45, 53.07, 49.76), (83.91, 53.52, 50.56), (87.09, 55.97, 52.57)],
-                             "mart": [(77.05, 52.99, 47.95), (78.75, 53.51, 49.01), (82.23, 55.94, 51.03)]},
-    "deit_small_patch16_224": {"ce": [(81.36, 47.94, 47.28), (83.08, 52.28, 47.92), (83.22, 53.55, 49.31)],
-                               "trades": [(82.32, 52.52, 49.07), (82.81, 52.74, 49.40), (83.43, 53.31, 50.10)],
-                               "mart": [(76.77, 52.06, 47.06), (78.43, 52.98, 47.94), (78.39, 53.83, 48.97)]},
-}
-
 
 # === The flags: every default in one block
 
@@ -129,7 +96,8 @@ def parse_args(argv=None):
     g.add_argument("--attacks", type=choice_list((*ATTACKS, "eot20")), default=None,
                    help=f"of {','.join(ATTACKS)},eot20 (default: all but eot20, which a random model gets; none with "
                         "--landscape or --sanity)")
-    g.add_argument("--eot-draws", type=positive_int, default=10, help="draws averaged by eot20's every step")
+    g.add_argument("--eot-draws", type=number(int, 1, 1000), default=10,
+                   help="draws averaged by eot20's every step (memory grows with draws x --batch-size)")
     g.add_argument("--epsilon", type=pixel_units, default=8.0, help="L-inf radius of every attack")
     g.add_argument("--step-size", type=pixel_units, default=2.0, help="step size of PGD-20 and CW-20")
     g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS, help="AutoAttack's version")
@@ -163,23 +131,23 @@ def parse_args(argv=None):
     g.add_argument("--paper", type=str, default=None, choices=tuple(PAPER_TABLE_I),
                    help="with --table: the paper's Table I rows of this data set")
     g.add_argument("--compare", action="store_true",
-                   help="is a difference real? each method of the given runs' results against the first (runs of "
-                        "one method: its seeds): 95 %% intervals (paired bootstrap over the images; t over seeds) "
+                   help="is a difference real? each configuration of the given runs against the first (runs that "
+                        "differ only in --seed: its seeds): 95 %% intervals (bootstrap over the images; t over seeds) "
                         "and the exact McNemar p-value; --out writes them as JSON")
     g = p.add_argument_group("loss landscape (Fig. 8): PGD adversarial CE at theta + a*d1 + b*d2 on a fixed batch")
     g.add_argument("--landscape", action="store_true", help="of each run's final.pt (or each checkpoint)")
-    g.add_argument("--landscape-steps", type=positive_int, default=21, help="grid points along each direction")
+    g.add_argument("--landscape-steps", type=number(int, 1, 101), default=21, help="grid points along each direction")
     g.add_argument("--landscape-range", type=number(float, 0, open_bounds=True), default=1.0, help="a, b in +-range")
     g.add_argument("--landscape-batch", type=positive_int, default=256, help="the first N of the evaluated images")
-    g.add_argument("--landscape-pgd-steps", type=non_negative_int, default=20, help="PGD steps of its attack")
+    g.add_argument("--landscape-pgd-steps", type=number(int, 0, 1000), default=20, help="PGD steps of its attack")
     g = p.add_argument_group("sanity checklist against gradient masking and broken attacks (sanity.py)")
     g.add_argument("--sanity", action="store_true", help="run it on each checkpoint (after --attacks, when given)")
     g.add_argument("--strict", action="store_true", help="with --sanity: exit status 1 when a check FAILs")
     g.add_argument("--sanity-epsilons", type=epsilon_list, default=[0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
                    help="its eps sweep (0 and --epsilon added; the largest >= 4x --epsilon)")
-    g.add_argument("--sanity-steps", type=positive_int, default=100, help="steps of its long PGD, at half --step-size")
-    g.add_argument("--sanity-restarts", type=non_negative_int, default=3, help="restarts of its long PGD")
-    g.add_argument("--sanity-square-queries", type=positive_int, default=1000, help="queries of its Square attack")
+    g.add_argument("--sanity-steps", type=number(int, 1, 10**4), default=100, help="its long PGD's steps (half step)")
+    g.add_argument("--sanity-restarts", type=number(int, 0, 100), default=3, help="restarts of its long PGD")
+    g.add_argument("--sanity-square-queries", type=number(int, 1, 10**5), default=1000, help="its Square's queries")
     args = p.parse_args(argv)
     # defaults that depend on other flags, and the checks argparse cannot make
     if args.attacks is None:
@@ -374,7 +342,9 @@ def user_model(spec):
     try:
         loader.loader.exec_module(module)
         if not callable(getattr(module, name, None)):
-            raise utils.UserError(f"--model {spec}: {path} defines no {name}() to call")
+            what = f"'s {name} is of type {type(getattr(module, name)).__name__}, not a function" if hasattr(
+                module, name) else f" defines no {name}()"
+            raise utils.UserError(f"--model {spec}: {path}{what} to call")
         model = getattr(module, name)()
     except utils.UserError:
         raise
@@ -386,22 +356,29 @@ def user_model(spec):
     if not isinstance(model, nn.Module):
         raise utils.UserError(f"--model {spec}: {name}() returned a {type(model).__name__}, not a torch.nn.Module")
 
-    def output_classes(x):  # on two test images: logits (2, K), K the data set's classes
+    def probe(x):  # once, before any attack, on test images: (classes, whether the logits lack an input gradient)
+        x = x.clone().requires_grad_(True)
         try:
-            with torch.no_grad():
-                out = model.eval()(x)
-        except Exception as err:  # e.g. a network for other image sizes: one line, not the user's traceback
-            raise utils.UserError(f"--model {spec}: fails on images of shape {tuple(x.shape)} in [0, 1]: "
-                                  f"{type(err).__name__}: {utils.first_line(err)}") from None
-        if not (torch.is_tensor(out) and out.dim() == 2 and out.shape[0] == len(x) and out.is_floating_point()):
-            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise utils.UserError(f"--model {spec}: maps {len(x)} images to {shape}, not logits of shape "
+            out = model.eval()(x)
+        except Exception as err:  # e.g. a network for other image sizes, or x.numpy(): one line, not a traceback
+            raise utils.UserError(f"--model {spec}: fails on images of shape {tuple(x.shape)} in [0, 1] with "
+                                  f"gradients on (as attacks run it): {type(err).__name__}: {utils.first_line(err)}")
+        finite = torch.is_tensor(out) and out.is_floating_point() and bool(torch.isfinite(out).all())
+        if not (finite and out.dim() == 2 and out.shape[0] == len(x)):  # every accuracy would be meaningless
+            shape = type(out).__name__ if not torch.is_tensor(out) else str(tuple(out.shape)) + (
+                "" if finite else " holding nan or inf" if out.is_floating_point() else f" of {out.dtype}")
+            raise utils.UserError(f"--model {spec}: maps {len(x)} test images to {shape}, not finite logits of shape "
                                   f"({len(x)}, classes)")
-        return out.shape[1]
+        weighted = out.float() @ torch.arange(1.0, out.shape[1] + 1, device=out.device)  # nonzero for probabilities
+        grad = torch.autograd.grad(weighted.sum(), x, allow_unused=True)[0] if weighted.requires_grad else None
+        if (lacking := grad is None or not grad.any()):
+            print(f"evaluate.py: warning: --model {spec}: its logits have no input gradient, so PGD-20 and CW-20 "
+                  "cannot move the images (they equal clean); attack it with Square or AutoAttack, see --sanity",
+                  file=sys.stderr, flush=True)
+        return out.shape[1], lacking
 
-    return model, {"kind": "model", "arch": type(model).__name__, "method": path.name, "weights": "trained",
-                   "epoch": None, "epochs": None, "num_classes": None, "output_classes": output_classes,
-                   "image_shape": None, "dataset": None, "data_dir": None, "image_size": None, "spec": spec}
+    return model, {**NO_INFO, "kind": "model", "arch": type(model).__name__, "method": f"{path.name}:{name}",
+                   "probe": probe, "spec": spec, "flags": {"model": f"{path.absolute()}:{name}"}}
 
 
 def project_model(path):
@@ -416,7 +393,8 @@ def project_model(path):
                    "weights": checkpoint.get("weights", "trained"), "epoch": checkpoint.get("epoch"),
                    "epochs": saved.get("epochs"), "num_classes": checkpoint["num_classes"],
                    "image_shape": checkpoint.get("image_shape"), "dataset": saved.get("dataset"),
-                   "data_dir": saved.get("data_dir"), "image_size": saved.get("image_size")}
+                   "data_dir": saved.get("data_dir"), "image_size": saved.get("image_size"),
+                   "flags": {k: v for k, v in saved.items() if k not in NOT_CONFIGURATION}}
 
 
 def state_dict_model(path, args):
@@ -440,9 +418,8 @@ def state_dict_model(path, args):
     num_classes = args.num_classes or classifier_outputs(args.arch, state_dict)
     model = utils.build_model(args.arch, num_classes, mean, std)
     load_weights(model, state_dict, path, args.arch)
-    return model, {"kind": "state_dict", "arch": args.arch, "method": path.stem, "weights": "trained", "epoch": None,
-                   "epochs": None, "num_classes": num_classes, "image_shape": None, "dataset": None,
-                   "data_dir": None, "image_size": None}
+    return model, {**NO_INFO, "kind": "state_dict", "arch": args.arch, "method": path.stem, "num_classes": num_classes,
+                   "flags": {"checkpoint": str(path.absolute())}}
 
 
 def unwrap_state_dict(obj, path):
@@ -508,9 +485,8 @@ def resolve_inputs(paths, out, model=None):
             jobs.append((str(path), [(role, path)], Path(out) if out else path.with_suffix(".eval.json"), False))
         else:
             raise utils.UserError(f"no checkpoint or run folder at {text}")
-    for _, _, json_path, _ in jobs:
-        if json_path.is_dir() or not json_path.parent.is_dir() or not os.access(json_path.parent, os.W_OK):
-            raise utils.UserError(f"cannot write results to {json_path}; pass --out FILE")
+    for _, _, json_path, _ in jobs:  # a file of another kind: read_results's one line
+        utils.check_output(json_path, "--out", lambda path: bool(read_results(path)))
     return jobs
 
 
@@ -537,14 +513,6 @@ def load_test_images(info, ckpt, args, cache):
     if key not in cache:
         cache[key] = utils.load_dataset(dataset, data_dir, image_size)
     data, n, n_test = cache[key], args.n_examples, len(cache[key].x_test)
-    if info["num_classes"] is None:  # a user's model (--model): its logits say how many classes it knows
-        info["num_classes"] = info["output_classes"](utils.to_float(data.x_test[:2]))
-    if data.num_classes != info["num_classes"]:
-        raise utils.UserError(f"{ckpt} has {info['num_classes']} outputs but {dataset} has {data.num_classes} "
-                              "classes (--dataset? --num-classes?)")
-    if info["image_shape"] and tuple(info["image_shape"]) != tuple(data.image_shape):
-        raise utils.UserError(f"{ckpt} was trained on {tuple(info['image_shape'])} images but {dataset} holds "
-                              f"{tuple(data.image_shape)} (--image-size?)")
     if n is not None and n > n_test:
         raise utils.UserError(f"--n-examples {n} but the test set holds {n_test} images")
     subset = args.subset or ("first" if dataset in ("cifar10", "cifar100", "svhn") else "fixed")
@@ -552,6 +520,14 @@ def load_test_images(info, ckpt, args, cache):
         idx, subset = torch.arange(n_test), "all"
     else:  # the data set's own order
         idx = torch.arange(n) if subset == "first" else utils.fixed_subset(n_test, n).sort().values
+    if info["num_classes"] is None:  # a user's model (--model): its logits say how many classes it knows
+        info["num_classes"], info["no_gradient"] = info["probe"](utils.to_float(data.x_test[idx[:8]]))
+    if data.num_classes != info["num_classes"]:
+        raise utils.UserError(f"{ckpt} has {info['num_classes']} outputs but {dataset} has {data.num_classes} "
+                              "classes (--dataset? --num-classes?)")
+    if info["image_shape"] and tuple(info["image_shape"]) != tuple(data.image_shape):
+        raise utils.UserError(f"{ckpt} was trained on {tuple(info['image_shape'])} images but {dataset} holds "
+                              f"{tuple(data.image_shape)} (--image-size?)")
     if len(torch.unique(data.y_test[idx])) < 2:
         print(f"evaluate.py: warning: the {len(idx)} test images evaluated hold a single class: every accuracy on "
               "them is meaningless", file=sys.stderr, flush=True)
@@ -624,8 +600,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
         common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
                   "weights": info["weights"], "arch": info["arch"], "epoch": info["epoch"],
                   "dataset": images["dataset"], "subset": images["subset"], "n": len(y), "seed": args.seed,
-                  "batch_size": args.batch_size, "device": str(device), "amp": args.amp,
-                  "indices": images["indices"]}
+                  "batch_size": args.batch_size, "device": str(device), "amp": args.amp, "flags": info["flags"],
+                  "no_gradient": info.get("no_gradient", False), "indices": images["indices"]}
         attacks = list(args.attacks)
         if {"pgd20", "cw20"} & set(attacks) and "eot20" not in attacks and is_random(model, x, device):
             print(f"  {role:10s} its forward pass is random: EOT-PGD-20 ({args.eot_draws} draws a step) as well")
@@ -710,6 +686,8 @@ def table_i(rows):
             run["notes"].add(f"eps {row.get('epsilon_255'):g}/255")
         if row["attack"] == "aa" and row.get("aa_version") != "standard":
             run["notes"].add(f"AA {row.get('aa_version')} ({','.join(row.get('aa_attacks') or [])})")
+        if row.get("no_gradient") and row["attack"] != "clean":
+            run["notes"].add("no input gradient: PGD/CW cannot attack")
         if row.get("amp") and row["attack"] != "clean":
             run["notes"].add(f"{ATTACK_TITLES[row['attack']]} in bf16")
     for run in runs.values():
@@ -748,12 +726,13 @@ def markdown_table(rows, worst_class=False, paper=None):
 
 def print_table(args):
     """--table: the results of the given run folders or JSON files as one Table I, printed and with --out written."""
+    out = args.out and utils.check_output(args.out, "--out", "evaluate.py --table")
     rows = result_rows(args.paths)
     table = markdown_table(rows, worst_class=args.worst_class, paper=args.paper)
     print(table, end="")
-    if args.out:
-        utils.atomic_write(args.out, lambda f: f.write(table.encode()))
-        print(f"wrote {args.out}")
+    if out:
+        utils.atomic_write(out, lambda f: f.write(utils.signed(table, "evaluate.py --table").encode()))
+        print(f"wrote {out}")
     return {"rows": rows, "table": table, "outputs": [args.out] if args.out else []}
 
 
@@ -763,7 +742,9 @@ def result_rows(paths):
     for path in map(Path, paths):
         json_path = path / "eval.json" if path.is_dir() else path
         if not json_path.is_file():
-            raise utils.UserError(f"no results at {json_path}; run evaluate.py {path} first")
+            raise utils.UserError(f"no results at {json_path}; run evaluate.py {path} first" if any(
+                (path / f"{role}.pt").is_file() for role in ("best", "final")) else f"{path} is not a run folder or "
+                "results: give run folders or the JSON files evaluate.py wrote")
         rows += read_results(json_path)["results"]
     if not rows:
         raise utils.UserError(f"no results in {', '.join(map(str, paths))}")
@@ -803,49 +784,76 @@ def compare_flags(reference, other, resamples=10_000, seed=0):
             "seeds": [len(a), len(b)], "n": len(d)}
 
 
+COMPARED = {"dataset": "data set", "indices": "images", "norm": "norm", "epsilon_255": "eps (1/255)", "epsilon": "eps",
+            "steps": "steps", "step_size_255": "step size", "draws": "EOT draws", "aa_version": "AutoAttack version",
+            "aa_attacks": "AutoAttack attacks", "amp": "precision (--amp)"}  # what makes two results comparable
+
+
 def compare(paths, out=None):
-    """--compare: each method of the given runs' results against the first one's (runs of one method are its seeds,
-    paired with the other method's in the order given), per checkpoint role and attack; printed as a table and, with
-    --out, written as JSON. Runs not evaluated on the same images are refused."""
-    methods = {}  # method -> {run: {(role, attack): row}}
-    for path in paths:
-        for row in result_rows([path]):
-            if "per_image" not in row:
-                raise utils.UserError(f"{row['run']} was evaluated before results kept per-image correctness; "
-                                      "evaluate it again")
-            role = row["role"] if row["role"] in ("best", "final") else "checkpoint"
-            methods.setdefault(row["method"], {}).setdefault(row["run"], {})[(role, row["attack"])] = row
-    if len(methods) < 2:
-        raise utils.UserError(f"--compare needs results of at least two methods; found {', '.join(methods) or 'none'}")
-    (reference, reference_runs), *others = methods.items()
+    """--compare: each configuration of the given runs' results against the first one's, per checkpoint role and
+    attack; printed as a table and, with --out, written as JSON. Runs whose flags differ only in --seed are seeds of
+    one configuration, paired in the order given with another's; the flags that differ name the configurations of
+    one method ("PIAT + NMSE (lam=1)"). Results not measured alike (COMPARED) are refused."""
+    out = out and utils.check_output(out, "--out", lambda path: path.read_bytes().startswith(  # what it writes
+        b'{\n  "script": "evaluate.py --compare"'))
+    groups = {}  # configuration -> {run: {(role, attack): row}}
+    for row in result_rows(paths):
+        if "per_image" not in row:
+            raise utils.UserError(f"{row['run']} was evaluated before results kept per-image correctness; "
+                                  "evaluate it again")
+        role = row["role"] if row["role"] in ("best", "final") else "checkpoint"
+        config = json.dumps(row.get("flags") or {"method": row["method"]}, sort_keys=True, default=str)
+        groups.setdefault(config, {}).setdefault(row["run"], {})[(role, row["attack"])] = row
+    names = configuration_names({c: next(iter(next(iter(r.values())).values()))["method"] for c, r in groups.items()})
+    if len(groups) < 2:
+        raise utils.UserError(f"--compare needs results of at least two configurations; the {len(paths)} given are "
+                              f"seeds of one ({next(iter(names.values()))})")
+    (reference, reference_runs), *others = groups.items()
     results, lines = [], ["| Method | vs | Checkpoint | Attack | Accuracy | Reference | Diff | 95 % CI (images) | "
                           "95 % CI (seeds) | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for method, runs in others:
+    for config, runs in others:
         cells = sorted(set.intersection(*(set(r) for r in (*reference_runs.values(), *runs.values()))),
                        key=lambda c: (c[0], list(ATTACK_TITLES).index(c[1])))
         for role, attack in cells:
             rows = [r[(role, attack)] for r in (*reference_runs.values(), *runs.values())]
-            if any((r["dataset"], r["indices"]) != (rows[0]["dataset"], rows[0]["indices"]) for r in rows):
-                odd = next(r for r in rows if (r["dataset"], r["indices"]) != (rows[0]["dataset"], rows[0]["indices"]))
-                raise utils.UserError(f"{odd['run']} and {rows[0]['run']} were not evaluated on the same images "
-                                      f"({attack}, {role}); evaluate both with the same --dataset and --n-examples")
+            for key, what in COMPARED.items():
+                setting = [r.get(key, "linf" if key == "norm" else None) for r in rows]
+                odd = next((i for i, v in enumerate(setting) if v != setting[0]), None)
+                if odd is not None:
+                    shown = "" if key == "indices" else f": {setting[odd]} vs {setting[0]}"
+                    raise utils.UserError(f"{rows[odd]['run']} and {rows[0]['run']} were not evaluated on the same "
+                                          f"{what} ({attack}, {role}{shown}); evaluate both with the same settings")
             stats = compare_flags([r[(role, attack)]["per_image"] for r in reference_runs.values()],
                                   [r[(role, attack)]["per_image"] for r in runs.values()])
-            results.append({"method": method, "reference": reference, "role": role, "attack": attack, **stats})
+            results.append({"method": names[config], "reference": names[reference], "role": role, "attack": attack,
+                            **stats})
             t = f"[{100 * stats['t_low']:+.1f}, {100 * stats['t_high']:+.1f}]" if stats["t_low"] is not None else "–"
-            lines.append(f"| {method} | {reference} | {role} | {ATTACK_TITLES[attack]} | {100 * stats['accuracy']:.2f} "
-                         f"| {100 * stats['reference_accuracy']:.2f} | {100 * stats['diff']:+.2f} | "
-                         f"[{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] | {t} | "
-                         f"{stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")
+            lines.append(f"| {names[config]} | {names[reference]} | {role} | {ATTACK_TITLES[attack]} | "
+                         f"{100 * stats['accuracy']:.2f} | {100 * stats['reference_accuracy']:.2f} | "
+                         f"{100 * stats['diff']:+.2f} | [{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] "
+                         f"| {t} | {stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")
     if not results:
         raise utils.UserError("no attack was measured on the same checkpoints of every run")
-    table = "\n".join(lines) + (f"\n\nin %; seeds: {', '.join(f'{m} {len(r)}' for m, r in methods.items())}; * p < "
-                                "0.05 (exact McNemar on the images one gets right and the other wrong)\n")
+    table = "\n".join(lines) + (f"\n\nin %; seeds: {', '.join(f'{names[c]} {len(r)}' for c, r in groups.items())}; "
+                                "* p < 0.05 (exact McNemar on the images one gets right and the other wrong)\n")
     print(table, end="")
     if out:
-        utils.save_json({"reference": reference, "comparisons": results}, out)
+        utils.save_json({"script": "evaluate.py --compare", "reference": names[reference], "configurations": {
+            names[c]: list(r) for c, r in groups.items()}, "comparisons": results}, out)
         print(f"wrote {out}")
     return {"comparisons": results, "table": table}
+
+
+def configuration_names(methods):
+    """{configuration (JSON of its flags): its name}: the method's, and the flags in which it differs from other
+    configurations of that method, e.g. "PIAT + NMSE (lam=1)"."""
+    names = {}
+    for config, method in methods.items():
+        alike, flags = [json.loads(c) for c, m in methods.items() if m == method], json.loads(config)
+        differ = [f"{k}={flags.get(k):g}" if isinstance(flags.get(k), float) else f"{k}={flags.get(k)}"
+                  for k in sorted(set().union(*alike)) if len({json.dumps(a.get(k)) for a in alike}) > 1]
+        names[config] = method + (f" ({', '.join(differ)})" if differ else "")
+    return names
 
 
 # === The loss landscape (Fig. 8; Li et al., "Visualizing the loss landscape of neural nets", 2018)

@@ -37,7 +37,8 @@ import scipy.stats
 from matplotlib.figure import Figure
 
 import utils
-from evaluate import (ATTACK_TITLES, ATTACKS, PAPER_CPA, PAPER_TABLE_I, PAPER_TABLE_IV, choice_list, compare_flags)
+from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list, compare_flags
+from evaluate import parse_args as evaluate_args
 from utils import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -77,6 +78,40 @@ PROFILES = {
 # horizon (1 / (1 - decay) = 50 steps) is about three epochs of a few thousand images, as 0.999 is on CIFAR-10
 PROFILES["cpu"] = {**PROFILES["paper"], "cnn": ["--arch", "small-cnn"], "wrn": ["--arch", "small-cnn"],
                    "aa": ["--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t"], "ema_decay": 0.98}
+# table -> dataset -> method -> (Clean, PGD20, AA) of the best checkpoint: Tables II and III (WRN-32-10), V
+PAPER_CPA = {
+    "II": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "ALP": (84.18, 53.55, 49.68), "TRADES": (82.13, 55.14, 50.38),
+                       "MART": (81.57, 56.44, 49.58), "MAIL": (84.96, 52.58, 47.26), "CFA": (86.44, 57.84, 52.96),
+                       "RAT": (83.46, 57.07, 51.56), "PIAT + NMSE": (85.04, 58.04, 53.83)},
+           "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "ALP": (58.11, 28.59, 24.45), "TRADES": (57.99, 31.97, 26.76),
+                        "MART": (55.19, 31.16, 26.46), "MAIL": (58.04, 29.50, 23.97), "CFA": (63.37, 33.89, 28.98),
+                        "RAT": (60.89, 33.39, 27.95), "PIAT + NMSE": (61.04, 35.15, 30.07)}},
+    "III": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "PIAT": (85.56, 52.80, 48.35), "ALP": (84.18, 53.55, 49.68),
+                        "PIAT + ALP": (83.35, 57.71, 52.35), "TRADES": (82.13, 55.14, 50.38),
+                        "PIAT + TRADES": (82.08, 58.93, 53.73), "MART": (81.57, 56.44, 49.58),
+                        "PIAT + MART": (79.88, 59.51, 52.84), "MAIL": (84.96, 52.58, 47.26),
+                        "PIAT + MAIL": (84.24, 57.53, 52.22)},
+            "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "PIAT": (60.09, 34.46, 29.47), "ALP": (58.11, 28.59, 24.45),
+                         "PIAT + ALP": (59.25, 34.04, 28.94), "TRADES": (57.99, 31.97, 26.76),
+                         "PIAT + TRADES": (59.78, 34.52, 29.25), "MART": (55.19, 31.16, 26.46),
+                         "PIAT + MART": (54.32, 34.87, 28.79), "MAIL": (58.04, 29.50, 23.97),
+                         "PIAT + MAIL": (58.52, 33.65, 28.00)}},
+    "V": {"cifar10": {"ALP": (79.74, 52.37, 46.13), "NMSE": (84.77, 51.56, 46.60)},
+          "cifar100": {"ALP": (57.29, 28.12, 23.57), "NMSE": (58.88, 29.55, 24.82)}},
+}
+
+# model -> loss -> (plain, A&P, PIAT + A&P) as (Clean, PGD20, AA); CIFAR-10, the paper's Table IV
+PAPER_TABLE_IV = {
+    "convit_base": {"ce": [(61.47, 38.64, 34.07), (85.21, 53.25, 49.01), (87.50, 56.25, 51.86)],
+                    "trades": [(82.75, 52.77, 49.61), (83.51, 53.21, 50.11), (86.03, 55.88, 52.35)],
+                    "mart": [(63.61, 42.51, 37.08), (80.32, 53.11, 48.35), (81.20, 56.17, 51.13)]},
+    "vit_base_patch16_224": {"ce": [(83.07, 52.93, 48.99), (84.64, 53.44, 49.67), (87.83, 56.34, 52.27)],
+                             "trades": [(83.45, 53.07, 49.76), (83.91, 53.52, 50.56), (87.09, 55.97, 52.57)],
+                             "mart": [(77.05, 52.99, 47.95), (78.75, 53.51, 49.01), (82.23, 55.94, 51.03)]},
+    "deit_small_patch16_224": {"ce": [(81.36, 47.94, 47.28), (83.08, 52.28, 47.92), (83.22, 53.55, 49.31)],
+                               "trades": [(82.32, 52.52, 49.07), (82.81, 52.74, 49.40), (83.43, 53.31, 50.10)],
+                               "mart": [(76.77, 52.06, 47.06), (78.43, 52.98, 47.94), (78.39, 53.83, 48.97)]},
+}
 PIAT_LOSSES = ["ce", "alp", "trades", "mart", "mail", "nmse"]  # Fig. 6; Table III has all but NMSE
 TABLE_I = [(loss, False) for loss in ("ce", "alp", "trades", "mart", "mail", "cfa", "rat")] + [("nmse", True)]
 VIT_VARIANTS = {"plain": ["--no-piat"], "A&P": ["--no-piat", "--ard", "--prm"],
@@ -232,12 +267,31 @@ def pending(run):
     if (run.run_dir / "final.pt").exists():
         checkpoint = utils.load_checkpoint(run.run_dir / "final.pt", mmap=True)  # reads no tensor
         epochs, total = checkpoint["epoch"], checkpoint["args"]["epochs"]
-    done = {view: {(r["role"], r["attack"]) for r in read_json(run.run_dir / view / "eval.json", {}).get("results", [])}
-            for view in {step.view for step in run.steps}}
-    steps = [step._replace(attacks=tuple(a for a in step.attacks if not {("best", a), ("final", a)} <= done[step.view]))
-             for step in run.steps]  # the attacks measured on neither or one checkpoint, the landscape until saved
-    steps = [s for s in steps if s.attacks or (s.landscape and not (run.run_dir / "final.landscape.npz").exists())]
-    return f"epoch {epochs}/{total}" if total else "not started", total is None or epochs < total, steps
+    steps = []
+    for step in run.steps:  # what is missing, or was measured with other settings, on either checkpoint
+        saved = read_json(run.run_dir / step.view / "eval.json", {})
+        rows = {(r["role"], r["attack"]): r for r in saved.get("results", [])}
+        drawn = {(e["steps"], e["range"], e["pgd_steps"], e["epsilon"]) for e in saved.get("landscapes", [])}
+        a = evaluate_args([str(run.run_dir / step.view), *step.flags])
+        attacks = tuple(x for x in step.attacks if not all(measured_as(rows.get((r, x)), a) for r in ("best", "final")))
+        if attacks or step.landscape and (a.landscape_steps, a.landscape_range, a.landscape_pgd_steps,
+                                          a.epsilon / 255) not in drawn:
+            steps.append(step._replace(attacks=attacks))
+    progress = f"epoch {epochs}/{total}" if total else "no epoch saved" if (run.run_dir / "args.json").exists() else \
+        "not started"
+    return progress, total is None or epochs < total, steps
+
+
+def measured_as(row, a):
+    """Whether an eval.json result row was measured as evaluate.py's flags `a` measure it: on the same images, eps,
+    attack settings and seed."""
+    attack = row and row["attack"]
+    wanted = {"n": a.n_examples, "subset": None if a.n_examples else "all", "seed": a.seed, "amp": a.amp,
+              "epsilon_255": 0.0 if attack == "clean" else a.epsilon,
+              "step_size_255": a.step_size if attack in ("pgd20", "cw20", "eot20") else None,
+              "aa_version": a.aa_version if attack == "aa" else None,
+              "aa_attacks": a.aa_attacks if attack == "aa" and a.aa_version == "custom" else None}
+    return row is not None and all(v is None or row.get(k) == v for k, v in wanted.items())
 
 
 def next_commands(run, gpus=1):
@@ -272,7 +326,7 @@ def run_state(run, logs=None):
         return State("running", f"{progress}, {record['launcher']} job {record['job_id']}")
     error = job_error(record) if record else None
     if error and "(it diverged)" in error and started:
-        return State("failed", f"diverged at {progress}; delete its folder to train it again", log_tail(record), False)
+        return State("failed", f"diverged ({progress}); delete its folder to train it again", log_tail(record), False)
     if error:
         return State("failed", f"{progress}: {error}", log_tail(record))
     if train:
@@ -285,7 +339,8 @@ RUN_ONLY_ARGS = {"out_dir", "resume", "device", "data_dir", "track", "wandb_proj
 
 
 def script_flags(script, flags, what):
-    """`flags` through `script`'s own parser, as a dict; one UserError, naming `what`, when the script refuses them."""
+    """`flags` through `script`'s own parser, as a dict; refused (naming `what`), they end the sweep as a flag of
+    sweep.py's own: one line, exit status 2."""
     errors = io.StringIO()
     try:
         with redirect_stderr(errors):
@@ -294,7 +349,7 @@ def script_flags(script, flags, what):
         reason = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
     except utils.UserError as err:  # the script's own checks
         reason = str(err)
-    raise utils.UserError(f"{script} refuses the flags of {what}: {reason}")
+    utils.ArgumentParser(prog="sweep.py").error(f"{script} refuses the flags of {what}: {reason}")  # as our own: 2
 
 
 # === Launching: a submitit job per run, here or on Slurm (submitit imported only there), or each run in this process
@@ -371,6 +426,8 @@ def save_record(logs, run, job, launcher, commands, env=None):
 
 def job_alive(record, logs):
     """Whether the recorded job may still work on its run (then no second job is started for it)."""
+    if record["launcher"] == "inline":  # it ran in a sweep's own process, which has ended
+        return False
     if record["launcher"] == "local":
         try:
             return (not Path(record["result"]).exists() and record["host"] == socket.gethostname()
@@ -387,6 +444,8 @@ def job_alive(record, logs):
 
 def job_error(record):
     """The last line of the recorded job's error; None when it succeeded."""
+    if record["launcher"] == "inline":
+        return record["error"]
     try:
         with open(record["result"], "rb") as f:
             outcome, value = pickle.load(f)
@@ -502,18 +561,22 @@ def launch_slurm(runs, args, logs):
     return 0
 
 
-def run_inline(runs):
-    """Each of `runs` in this process, each script's main() called (its epoch bars shown here). Returns the failures."""
+def run_inline(runs, logs):
+    """Each of `runs` in this process, each script's main() called (its epoch bars shown here), its outcome recorded
+    as a job's is (a diverged run is then reported, not retried). Returns the failures."""
     failed = 0
     for number, run in enumerate(runs, 1):
         print(f"run {number}/{len(runs)}: {run.key} ({run_state(run).detail})", flush=True)
+        error = None
         for command in next_commands(run):
             try:
                 importlib.import_module(Path(command[1]).stem).main(command[2:])
             except utils.Diverged as err:
                 print(f"FAILED   {run.key}: diverged: {err}", flush=True)
-                failed += 1
+                error, failed = f"{Path(command[1]).name}: diverged: {err} (it diverged)", failed + 1
                 break
+        record_path(logs, run).parent.mkdir(parents=True, exist_ok=True)
+        utils.save_json({"run": run.key, "launcher": "inline", "error": error}, record_path(logs, run))
     return failed
 
 
@@ -779,24 +842,40 @@ def grid_report(the_plan, grid, dataset, results):
             {"rdat_vs_piat.png": plot_mean_curves(table, results, title)})
 
 
+REPORT = "sweep.py --report"  # what its files carry: a file without it (or edited since) is never replaced
+
+
 def write_report(the_plan, out_dir):
-    """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/."""
-    out_dir, results = Path(out_dir), collect(the_plan)
+    """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/, each written
+    whole; nothing is written when a file there is not an unchanged one of an earlier report."""
+    out_dir, results, files = Path(out_dir), collect(the_plan), {}
+    if not any(r["eval"] or r["metrics"] for r in results.values()):
+        raise utils.UserError(f"no run of {', '.join(dict.fromkeys(g for g, _ in the_plan.tables))} has results yet: "
+                              "nothing to report (another --sweep-dir?)")
     for grid in dict.fromkeys(grid for grid, _ in the_plan.tables):
         sections = []
         for dataset in [ds for g, ds in the_plan.tables if g == grid]:
             markdown, figures = grid_report(the_plan, grid, dataset, results)
-            (out_dir / dataset).mkdir(parents=True, exist_ok=True)
             for name, fig in figures.items():
                 if isinstance(fig, str):  # the numbers behind a figure
-                    (out_dir / dataset / name).write_text(fig)
+                    files[out_dir / dataset / name] = fig.encode()
                     continue
-                fig.savefig(out_dir / dataset / name, dpi=120, bbox_inches="tight")
+                png = io.BytesIO()
+                fig.savefig(png, format="png", dpi=120, bbox_inches="tight", metadata={"Software": REPORT})
+                files[out_dir / dataset / name] = png.getvalue()
                 markdown += f"\n![{name}]({dataset}/{name})\n"
             sections.append(markdown)
-        (out_dir / f"{grid}.md").write_text("\n\n".join(sections))
-        print("\n\n".join(sections) + f"\nwrote {out_dir / grid}.md and its figures\n")
-    print(f"{sum(not r['eval'] and not r['metrics'] for r in results.values())} of {len(results)} runs without results")
+        files[out_dir / f"{grid}.md"] = utils.signed("\n\n".join(sections), REPORT).encode()
+        print("\n\n".join(sections) + f"\n{out_dir / grid}.md and its figures\n")
+    for path in (p for p in files if p.exists()):  # all checked before anything is written, a folder too
+        own = {".md": REPORT, ".csv": lambda p: p.read_bytes().startswith(b"method,seed,epoch,")}.get(  # curves_csv
+            path.suffix, lambda p: f"Software\0{REPORT}".encode() in p.read_bytes())  # a PNG's tag
+        utils.check_output(path, "--report-dir", own)
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write(path, lambda f: f.write(data))
+    print(f"wrote {len(files)} files in {out_dir}; {sum(not r['eval'] and not r['metrics'] for r in results.values())} "
+          f"of {len(results)} runs without results")
 
 
 # === The flags (python sweep.py --help) and main
@@ -811,7 +890,7 @@ def parse_args(argv=None):
                    help="quick: paper.ipynb's CPU run; cpu: small-cnn, AutoAttack's APGD-CE and APGD-T, EMA 0.98")
     g.add_argument("--datasets", type=choice_list(utils.DATASETS), default=None, metavar="LIST",
                    help=f"of {','.join(utils.DATASETS)} (default: each grid's)")
-    g.add_argument("--seeds", type=utils.positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run")
+    g.add_argument("--seeds", type=utils.number(int, 1, 100), default=1, metavar="N", help="seeds 0..N-1 of every run")
     g.add_argument("--sweep-dir", type=str, default=None, metavar="DIR", help="default: runs/sweep-<profile>")
     g.add_argument("--attacks", type=choice_list([*ATTACKS, "landscape"]), default=None, metavar="LIST",
                    help=f"evaluate only these of {','.join(ATTACKS)},landscape")
@@ -896,15 +975,10 @@ def main(argv=None):
         return 1 if given_up and not args.dry_run else 0
     if args.launcher == "slurm":
         return launch_slurm(todo, args, logs)
-    failed = run_inline(todo) if args.launcher == "inline" else launch_local(todo, args.jobs, logs, adopted)
+    failed = run_inline(todo, logs) if args.launcher == "inline" else launch_local(todo, args.jobs, logs, adopted)
     print(f"{len(todo) + len(adopted) - failed} run(s) finished, {failed} failed" + (" (above)" if failed else ""))
     return 1 if failed or given_up else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (utils.UserError, OSError) as err:  # bad input, or a path the system refused
-        sys.exit(f"sweep.py: error: {utils.first_line(err)}")
-    except KeyboardInterrupt as err:
-        sys.exit(print(f"sweep.py: {str(err) or 'interrupted'}", file=sys.stderr) or 130)
+    sys.exit(utils.run_main(main, __file__))  # README's exit statuses; 1 also when a run failed (listed above)

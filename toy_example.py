@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from utils import non_negative, non_negative_int, number, positive_int, unit_interval
+from utils import non_negative, number, positive_int, unit_interval
 
 METHODS = {"pgd-at": ("ce", False, "C3"), "piat": ("ce", True, "C0"), "alp": ("alp", False, "C2"),
            "nmse": ("nmse", False, "C1"), "piat+nmse": ("nmse", True, "C4")}  # (loss, interpolated, colour)
@@ -45,32 +45,32 @@ TOY_MARKER = ".toy_example"  # in every folder this script writes: the only non-
 
 def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    positive, two_or_more = number(float, 0, open_bounds=True), number(int, 2)
+    positive, size, steps = number(float, 0, open_bounds=True), number(int, 2, 10**6), number(int, 0, 1000)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=utils.seed_number, default=0, metavar="S", help="first seed (%(default)s)")
-    g.add_argument("--seeds", type=positive_int, default=1, metavar="K", help="seeds S..S+K-1 (%(default)s)")
+    g.add_argument("--seeds", type=number(int, 1, 1000), default=1, metavar="K", help="seeds S..S+K-1 (%(default)s)")
     g.add_argument("--out-dir", type=str, default="runs/toy", metavar="DIR", help="output folder (%(default)s)")
     g.add_argument("--methods", type=str, nargs="+", default=list(METHODS), choices=METHODS, metavar="M",
                    help=f"any of {' '.join(METHODS)} (all)")
-    g.add_argument("--threads", type=positive_int, default=1, metavar="N", help="torch CPU threads (%(default)s)")
+    g.add_argument("--threads", type=number(int, 1, 1024), default=1, metavar="N", help="CPU threads (%(default)s)")
     g = p.add_argument_group("data (reconstruction, chosen so that PGD-AT visibly oscillates)")
     g.add_argument("--r0", type=positive, default=1.0, metavar="R", help="radius of class 0 (%(default)s)")
     g.add_argument("--r1", type=positive, default=2.0, metavar="R", help="radius of class 1 (%(default)s)")
     g.add_argument("--noise", type=non_negative, default=0.2, metavar="SD", help="noise std of x1, x2 (%(default)s)")
     g.add_argument("--x3-noise", type=non_negative, default=0.2, metavar="SD", help="std of x3 (%(default)s)")
-    g.add_argument("--train-size", type=two_or_more, default=1000, metavar="N", help="training points (%(default)s)")
-    g.add_argument("--test-size", type=two_or_more, default=1000, metavar="N", help="test points (%(default)s)")
+    g.add_argument("--train-size", type=size, default=1000, metavar="N", help="training points (%(default)s)")
+    g.add_argument("--test-size", type=size, default=1000, metavar="N", help="test points (%(default)s)")
     g = p.add_argument_group("model and optimiser (the paper's)")
-    g.add_argument("--hidden", type=positive_int, default=32, metavar="N", help="hidden width (%(default)s)")
-    g.add_argument("--epochs", type=positive_int, default=50, metavar="N", help="epochs (%(default)s)")
+    g.add_argument("--hidden", type=number(int, 1, 4096), default=32, metavar="N", help="hidden width (%(default)s)")
+    g.add_argument("--epochs", type=number(int, 1, 10_000), default=50, metavar="N", help="epochs (%(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=50, metavar="N", help="batch size (%(default)s)")
     g.add_argument("--lr", type=non_negative, default=0.5, metavar="LR", help="constant SGD lr (%(default)s)")
     g.add_argument("--momentum", type=unit_interval, default=0.9, metavar="M", help="SGD momentum (%(default)s)")
     g = p.add_argument_group("attack (L-inf PGD, in input units)")
     g.add_argument("--epsilon", type=non_negative, default=0.3, metavar="EPS", help="attack radius (%(default)s)")
     g.add_argument("--step-size", type=non_negative, default=None, metavar="S", help="PGD step size (EPS/4)")
-    g.add_argument("--pgd-steps", type=non_negative_int, default=10, metavar="N", help="training steps (%(default)s)")
-    g.add_argument("--eval-pgd-steps", type=non_negative_int, default=20, metavar="N", help="test steps (%(default)s)")
+    g.add_argument("--pgd-steps", type=steps, default=10, metavar="N", help="training steps (%(default)s)")
+    g.add_argument("--eval-pgd-steps", type=steps, default=20, metavar="N", help="test steps (%(default)s)")
     g = p.add_argument_group("losses and PIAT: alpha_t = min(A, (t+a)/(t+b)) (train_piat.py's defaults)")
     g.add_argument("--lam-alp", type=non_negative, default=0.5, metavar="L", help="weight of ALP (%(default)s)")
     g.add_argument("--lam-nmse", type=non_negative, default=4.0, metavar="L", help="weight of NMSE (%(default)s)")
@@ -85,6 +85,8 @@ def parse_args(argv=None):
     if args.epsilon >= max(args.r0, args.r1):  # a ball that reaches the origin moves any point into either class
         p.error(f"argument --epsilon: {args.epsilon:g} is not below the outer radius {max(args.r0, args.r1):g}: "
                 "every point could be moved into either class")
+    if args.seed + args.seeds - 1 > 2**32 - 1:
+        p.error(f"argument --seeds: seeds {args.seed}..{args.seed + args.seeds - 1} pass 4294967295, the largest seed")
     args.methods = list(dict.fromkeys(args.methods))  # de-duplicated, order kept
     return args
 

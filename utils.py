@@ -8,6 +8,7 @@ import argparse
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -48,7 +49,25 @@ class ArgumentParser(argparse.ArgumentParser):
             unset = object()  # parsed again with every flag unset: what is set now was typed (abbreviated, or =value)
             again, _ = super().parse_known_args(args, argparse.Namespace(**{a.dest: unset for a in self._actions}))
             parsed.typed = {dest for dest, value in vars(again).items() if value is not unset}
+            parsed.refused = self.refused
         return parsed
+
+    def refused(self, saved):
+        """What this parser refuses among a run's saved flags `saved`, in a few words, or None: a flag missing, a value
+        its type or choices refuse, or of another type ("2" for an int)."""
+        for action in (a for a in self._actions if a.default is not argparse.SUPPRESS):
+            value = saved.get(action.dest)
+            flag = next((o for o in action.option_strings if o.startswith("--")), action.dest)
+            try:
+                for item in [] if value is None else value if action.nargs in ("*", "+") else [value]:
+                    parsed = item if action.type in (None, str) else action.type(
+                        ",".join(map(str, item)) if isinstance(item, list) else str(item))  # as typed, again
+                    assert parsed == item and (action.nargs != 0 or isinstance(item, bool)) and item in (
+                        action.choices or [item]), ""
+                assert action.dest in saved, "written by another version?"
+            except (ValueError, TypeError, AssertionError, argparse.ArgumentTypeError) as err:
+                return f"{flag} {value!r}, which {self.prog} refuses" + (f" ({err})" if str(err) else "")
+        return None
 
 
 def number(kind, low=-math.inf, high=math.inf, open_bounds=False):
@@ -605,6 +624,27 @@ def save_json(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
+def check_output(path, flag, ours):
+    """`path`, or one UserError unless it can be written (a file in a writable folder) and is new or this command's
+    own output: ours(path), or with `ours` a writer's name, text signed(..., ours) wrote, unedited. Nothing anyone
+    else wrote, nor an output edited since, is ever replaced."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"{path} cannot be written (a folder, or not in a writable folder); choose another {flag}")
+    text = "" if callable(ours) or not path.is_file() else path.read_bytes().decode(errors="replace")
+    if path.exists() and not (ours(path) if callable(ours) else signed(text[: text.rstrip("\n").rfind("\n") + 1],
+                                                                       ours) == text):
+        raise UserError(f"{path} holds a file this command did not write (or one edited since); move it away or "
+                        f"choose another {flag}")
+    return path
+
+
+def signed(text, by):
+    """`text` with a last line (a Markdown comment) that tells this output of `by` from any other file and from an
+    edited copy of itself (check_output)."""
+    return text + f"<!-- written by {by}; sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]} -->\n"
+
+
 def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
@@ -681,14 +721,24 @@ def resume_args(args, script):
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     try:
         saved = json.loads((run_dir / "args.json").read_text())
-    except (OSError, ValueError):
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError):
         raise UserError(f"--resume {args.resume}: no run there (no readable {run_dir / 'args.json'})") from None
     if saved.get("script") != script:
         raise UserError(f"--resume {args.resume}: a run of {saved.get('script') or 'another program'}, not {script}")
     checkpoint = load_checkpoint(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
+    if checkpoint is not None and not isinstance(checkpoint.get("resume"), dict):
+        raise UserError(f"{run_dir / 'final.pt'} holds no training state to continue from; start a new run")
+    if checkpoint is None and ((run_dir / "best.pt").exists() or (run_dir / "metrics.csv").is_file() and (
+            run_dir / "metrics.csv").read_text(errors="replace").count("\n") > 1):  # a row under the header
+        raise UserError(f"--resume {args.resume}: final.pt is missing but best.pt or metrics.csv hold saved epochs, "
+                        "so it cannot continue exactly; start a new run (this folder is left as it is)")
+    own = checkpoint["args"] if checkpoint else saved
+    if args.refused(own):  # a hand edit, or an older version: refused before anything is written
+        raise UserError(f"--resume {args.resume}: its {'final.pt' if checkpoint else 'args.json'} holds "
+                        f"{args.refused(own)}; start a new run")
     if checkpoint is None:
         print(f"{run_dir} saved no epoch yet: starting it over with its own flags", flush=True)
-    own = checkpoint["args"] if checkpoint else saved
     for key in sorted(getattr(args, "typed", set()) - RESUME_MAY_CHANGE):  # sweep.py repeats the run's own flags
         value = getattr(args, key)
         if key == "out_dir" and Path(value).resolve() == run_dir.resolve() or value == own.get(key, value):
@@ -732,9 +782,6 @@ class MetricsLog:
 
     def __init__(self, run_dir, fields, rows, args):
         self.run_dir, self.plotted, self.wandb = Path(run_dir), time.monotonic(), None
-        self.file = open(self.run_dir / "metrics.csv", "w", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-        self.csv.writeheader()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # a copied script in a project without tensorboard still runs
@@ -754,8 +801,14 @@ class MetricsLog:
             except wandb.errors.UsageError as err:
                 raise UserError(f"--track: {err} (WANDB_MODE=offline logs without an account)") from None
         self.wandb_logged = len(rows) - 1  # a killed process may have lost the last row in W&B's buffer: log it again
+        self.file = io.StringIO()  # the header and restored rows replace metrics.csv whole: it is never cut short
+        self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+        self.csv.writeheader()
         for row in rows:
             self.write(row)
+        atomic_write(self.run_dir / "metrics.csv", lambda f: f.write(self.file.getvalue().encode()))
+        self.file = open(self.run_dir / "metrics.csv", "a", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
 
     def write(self, row):
         self.csv.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
@@ -929,8 +982,8 @@ def run_main(main, script_file):
     stderr ("<script>: ...") and its exit status, returned for sys.exit: 1 bad input, 3 diverged, 4 the machine
     (a full disk, out of memory), 128 + N a stop signal. A bug keeps its traceback."""
     try:
-        main()
-        return 0
+        status = main()  # sweep.py's says whether a run failed
+        return status if isinstance(status, int) else 0
     except UserError as err:
         line, code = f"error: {err}", 1
     except Diverged as err:

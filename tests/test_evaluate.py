@@ -299,7 +299,8 @@ def test_table_gathers_runs_like_table_i(tmp_path, capsys):
                  {"clean": .8284, "pgd20": .5281, "cw20": .5049}, n=500)
     ev.main(["--table", str(tmp_path / "pgdat"), str(tmp_path / "piat" / "eval.json"), "--out", str(tmp_path / "t.md")])
     lines = (tmp_path / "t.md").read_text().splitlines()
-    assert lines == capsys.readouterr().out.splitlines()[:4]
+    assert lines[:4] == capsys.readouterr().out.splitlines()[:4] and len(lines) == 5
+    assert lines[4].startswith("<!-- written by evaluate.py --table; sha256 ")  # tells it from a file of the user's
     assert lines[0] == ("| Run | Dataset | Method | Clean Best | Clean Final | Clean Diff | PGD20 Best | PGD20 Final | "
                         "PGD20 Diff | CW Best | CW Final | CW Diff | AA Best | AA Final | AA Diff | n | notes |")
     assert lines[1] == "|" + "---|" * 17
@@ -377,8 +378,12 @@ def test_more_bad_input_in_process(tmp_path, undefended, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's one line, exit code 2
         ev.main([str(undefended), "--attacks", "clean,fgsm"])
     assert exit_.value.code == 2 and "argument --attacks: unknown 'fgsm'" in capsys.readouterr().err
-    with pytest.raises(utils.UserError, match="no results at"):
-        ev.main(["--table", str(tmp_path)])
+    with pytest.raises(utils.UserError, match="is not a run folder or results: give run folders or the JSON files"):
+        ev.main(["--table", str(tmp_path)])  # a folder that is no run: no advice to evaluate it
+    (tmp_path / "run").mkdir()
+    shutil.copy(undefended / "final.pt", tmp_path / "run" / "final.pt")
+    with pytest.raises(utils.UserError, match=f"no results at {tmp_path / 'run' / 'eval.json'}; run evaluate.py"):
+        ev.main(["--compare", str(tmp_path / "run"), str(undefended)])
     with pytest.raises(utils.UserError, match="--aa-attacks needs --aa-version custom"):
         ev.main([str(undefended), "--aa-attacks", "apgd-ce"])
     whole = (undefended / "final.pt").read_bytes()
@@ -484,6 +489,45 @@ def not_a_module():
 
 def raises():
     raise ValueError("my own mistake")
+
+
+class NaNLogits(nn.Module):
+    def forward(self, x):
+        return torch.full((len(x), 10), float("nan"))
+
+
+class Numpy(nn.Module):  # runs without gradients only (the clean pass), not under an attack
+    def __init__(self):
+        super().__init__()
+        self.net = trained()
+
+    def forward(self, x):
+        return self.net(torch.from_numpy(x.numpy()))
+
+
+class NoGradient(nn.Module):  # logits without autograd: PGD cannot move the images
+    def __init__(self):
+        super().__init__()
+        self.net = trained()
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.net(x)
+
+
+def nan_logits():
+    return NaNLogits()
+
+
+def needs_no_grad():
+    return Numpy()
+
+
+def no_gradient():
+    return NoGradient()
+
+
+not_callable = 42
 '''
 
 
@@ -503,7 +547,8 @@ def test_an_identity_wrapper_through_model_reproduces_the_checkpoints_numbers(un
     for attack, row in by_model.items():
         assert row["accuracy"] == by_checkpoint[attack]["accuracy"] and row["per_image"] == \
             by_checkpoint[attack]["per_image"], attack
-        assert row["method"] == "defences.py" and row["run"].endswith("defences.py:identity")
+        assert row["method"] == "defences.py:identity" and row["run"].endswith("defences.py:identity")
+        assert row["flags"] == {"model": row["run"]} and not row["no_gradient"]
     saved = json.loads(defences.with_suffix(".eval.json").read_text())  # FILE.eval.json, the usual layout
     assert {r["attack"] for r in saved["results"]} == {"clean", "pgd20", "cw20"} and "table" in saved
 
@@ -518,15 +563,33 @@ def test_a_random_model_gets_eot_pgd_beside_pgd20(defences):
 
 @pytest.mark.parametrize("name,message", [
     ("missing", "defines no missing() to call"),
+    ("not_callable", "defences.py's not_callable is of type int, not a function to call"),
     ("not_a_module", "not_a_module() returned a dict, not a torch.nn.Module"),
-    ("images_out", "maps 2 images to (2, 3, 32, 32), not logits"),
-    ("for_other_images", "fails on images of shape (2, 3, 32, 32) in [0, 1]: RuntimeError: mat1 and mat2 shapes"),
+    ("images_out", "maps 8 test images to (8, 3, 32, 32), not finite logits of shape (8, classes)"),
+    ("nan_logits", "maps 8 test images to (8, 10) holding nan or inf, not finite logits of shape (8, classes)"),
+    ("for_other_images", "fails on images of shape (8, 3, 32, 32) in [0, 1] with gradients on (as attacks run it): "
+                         "RuntimeError: mat1 and mat2 shapes"),
+    ("needs_no_grad", "with gradients on (as attacks run it): RuntimeError: Can't call numpy() on Tensor that requires "
+                      "grad"),
     ("probabilities_of_three", "has 3 outputs but synthetic has 10 classes"),
     ("raises", "ValueError while building it: my own mistake")])
 def test_a_users_model_that_does_not_fit_gets_one_line(defences, name, message):
     result = run_script(ev.__file__, "--model", f"{defences}:{name}", "--dataset", "synthetic", "--attacks", "clean",
                         "--n-examples", "8", *CPU)
     assert message in one_line_error(result, "evaluate.py") and "Traceback" not in result.stderr
+
+
+def test_a_model_without_input_gradient_is_warned_about_in_the_table_itself(defences, tmp_path, capsys):
+    result = ev.main(["--model", f"{defences}:no_gradient", "--dataset", "synthetic", "--attacks", "clean,pgd20",
+                      "--n-examples", "32", "--out", str(tmp_path / "e.json"), *CPU])
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warning == [f"evaluate.py: warning: --model {defences}:no_gradient: its logits have no input gradient, so "
+                       "PGD-20 and CW-20 cannot move the images (they equal clean); attack it with Square or "
+                       "AutoAttack, see --sanity"]
+    rows = rows_by(result["rows"], "attack")
+    assert rows["pgd20"]["per_image"] == rows["clean"]["per_image"] and rows["pgd20"]["no_gradient"]
+    assert "no input gradient: PGD/CW cannot attack |" in captured.out  # the table's notes column
 
 
 def test_model_refuses_a_missing_file_and_a_spec_without_name(tmp_path):
@@ -568,7 +631,7 @@ def test_compare_reports_the_difference_its_interval_and_the_exact_mcnemar_p(und
     shutil.copytree(a, b)
     saved = json.loads((b / "eval.json").read_text())
     for row in saved["results"]:
-        row["method"], row["run"] = "Other", str(b)
+        row["method"], row["run"], row["flags"] = "Other", str(b), {**row["flags"], "loss": "other"}
         flags = row["per_image"]
         right, wrong = [i for i, f in enumerate(flags) if f][:6], [i for i, f in enumerate(flags) if not f][:1]
         for i in right:  # six right answers become wrong, and one wrong answer right
@@ -614,6 +677,91 @@ def test_compare_over_seeds_adds_a_t_interval_and_refuses_other_images(undefende
     (runs[3] / "eval.json").write_text(json.dumps(rows))
     result = run_script(ev.__file__, "--compare", *runs)
     assert "were not evaluated on the same images" in one_line_error(result, "evaluate.py")
+
+
+@pytest.fixture(scope="module")
+def configurations(undefended, tmp_path_factory):
+    """Three evaluated runs of PIAT + NMSE (the same weights): lam 1 with seeds 0 and 1, lam 4 with seed 0."""
+    root, runs = tmp_path_factory.mktemp("configurations"), []
+    for name, seed, lam in (("lam1_s0", 0, 1.0), ("lam1_s1", 1, 1.0), ("lam4_s0", 0, 4.0)):
+        (root / name).mkdir()
+        for role in ("best", "final"):
+            ck = utils.load_checkpoint(undefended / f"{role}.pt")
+            ck["args"] = {**ck["args"], "loss": "nmse", "piat": True, "lam": lam, "seed": seed,
+                          "out_dir": str(root / name)}
+            utils.save_checkpoint(ck, root / name / f"{role}.pt")
+        ev.main([str(root / name), "--attacks", "clean,pgd20", "--n-examples", "40", *CPU])
+        runs.append(root / name)
+    return runs
+
+
+def test_compare_pairs_the_seeds_of_a_configuration_and_names_configurations_by_their_flags(configurations, tmp_path):
+    """Runs that differ only in --seed are seeds of one configuration; two values of lam of one method, same seed,
+    are two configurations, named by the flag in which they differ, and compared."""
+    lam1_s0, lam1_s1, lam4_s0 = map(str, configurations)
+    result = ev.main(["--compare", lam1_s0, lam1_s1, lam4_s0, "--out", str(tmp_path / "cmp.json")])
+    assert {(c["method"], c["reference"], tuple(c["seeds"])) for c in result["comparisons"]} == {
+        ("PIAT + NMSE (lam=4)", "PIAT + NMSE (lam=1)", (2, 1))}
+    assert len(result["comparisons"]) == 4 and all(c["diff"] == 0 for c in result["comparisons"])  # same weights
+    written = json.loads((tmp_path / "cmp.json").read_text())
+    assert written["configurations"] == {"PIAT + NMSE (lam=1)": [lam1_s0, lam1_s1], "PIAT + NMSE (lam=4)": [lam4_s0]}
+    assert "seeds: PIAT + NMSE (lam=1) 2, PIAT + NMSE (lam=4) 1" in result["table"]
+    ev.main(["--compare", lam4_s0, lam1_s0, "--out", str(tmp_path / "cmp.json")])  # its own output: replaced
+    assert json.loads((tmp_path / "cmp.json").read_text())["reference"] == "PIAT + NMSE (lam=4)"
+    with pytest.raises(utils.UserError, match=r"the 2 given are seeds of one \(PIAT \+ NMSE\)"):
+        ev.main(["--compare", lam1_s0, lam1_s1])
+
+
+def test_compare_refuses_results_not_measured_alike_in_one_line(configurations, tmp_path):
+    """Other eps, norm (a missing norm is L-inf) or images: one line, exit status 1, nothing written."""
+    changes = {"eps": ({"epsilon_255": 4.0, "epsilon": 4 / 255}, "were not evaluated on the same eps (1/255) (pgd20, "
+                                                                 "best: 4.0 vs 8.0)"),
+               "norm": ({"norm": "l2"}, "were not evaluated on the same norm (pgd20, best: l2 vs linf)"),
+               "images": ({"indices": list(range(40))}, "were not evaluated on the same images (pgd20, best)")}
+    for what, (change, message) in changes.items():
+        other = tmp_path / what
+        shutil.copytree(configurations[2], other)
+        saved = json.loads((other / "eval.json").read_text())
+        for row in saved["results"]:
+            row.update(change if row["attack"] == "pgd20" else {}, run=str(other))
+        (other / "eval.json").write_text(json.dumps(saved))
+        args = ("--compare", configurations[0], other, "--out", tmp_path / "cmp.json")
+        if what == "eps":  # as a user would: the exit status and the one line
+            result = run_script(ev.__file__, *args)
+            assert result.returncode == 1 and message in one_line_error(result, "evaluate.py")
+        else:
+            with pytest.raises(utils.UserError, match=re.escape(message)):
+                ev.main(list(map(str, args)))
+        assert not (tmp_path / "cmp.json").exists()
+
+
+def test_compare_and_table_never_write_over_a_file_that_is_not_their_own_output(configurations, tmp_path):
+    """--out that holds a user's notes, a run's checkpoint, a folder, or a table edited since it was written: one line,
+    exit status 1, every file byte for byte as it was; their own earlier output is replaced."""
+    runs = list(map(str, configurations[:2]))
+    notes, final = tmp_path / "notes.md", configurations[0] / "final.pt"
+    notes.write_text("my notes\n")
+    before = {path: path.read_bytes() for path in (notes, final)}
+    result = run_script(ev.__file__, "--compare", *runs, "--out", notes)
+    assert result.returncode == 1 and one_line_error(result, "evaluate.py") == (
+        f"evaluate.py: error: {notes} holds a file this command did not write (or one edited since); move it away or "
+        "choose another --out")
+    result = run_script(ev.__file__, "--table", *runs, "--out", tmp_path)
+    assert result.returncode == 1 and f"{tmp_path} cannot be written (a folder" in one_line_error(result)
+    for args in (["--compare", *runs, "--out", str(final)], ["--table", *runs, "--out", str(notes)]):
+        with pytest.raises(utils.UserError, match="holds a file this command did not write"):
+            ev.main(args)
+    assert {path: path.read_bytes() for path in (notes, final)} == before
+    table = tmp_path / "table.md"
+    for _ in range(2):  # its own output, unedited: written again
+        ev.main(["--table", *runs, "--out", str(table)])
+    assert table.read_text().startswith("| Run |") and table.read_text().count("<!-- written by evaluate.py") == 1
+    table.write_text(table.read_text() + "my comment\n")
+    with pytest.raises(utils.UserError, match="did not write \\(or one edited since\\)"):
+        ev.main(["--table", *runs, "--out", str(table)])
+    assert table.read_text().endswith("my comment\n")
+    with pytest.raises(utils.UserError, match="not a run folder or results: give run folders or the JSON files"):
+        ev.main(["--compare", str(tmp_path), *runs])
 
 
 def test_every_attack_shows_progress_in_a_log_too(undefended):

@@ -74,6 +74,21 @@ def folders(tmp_path_factory):
     nan_weights["model"]["linear.bias"][2] = float("nan")
     (root / "nan_weights").mkdir()
     torch.save(nan_weights, root / "nan_weights" / "final.pt")
+    # resumes that cannot continue exactly: final.pt lost (best.pt, metrics.csv kept); flags a parser refuses, in the
+    # args.json of a run that saved no epoch (edited by hand) or in final.pt (an older version); no training state
+    shutil.copytree(root / "run", root / "lost_final")
+    (root / "lost_final" / "final.pt").unlink()
+    for name, edit in (("edited_args", {"epochs": "2"}), ("unknown_loss", {"loss": "foo"}),
+                       ("missing_flag", {"lr": None})):
+        (root / name).mkdir()
+        saved = {**json.loads((root / "run" / "args.json").read_text()), **edit}
+        (root / name / "args.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "lr" or v}))
+        (root / name / "metrics.csv").write_text((root / "run" / "metrics.csv").read_text().splitlines()[0] + "\n")
+    old = utils.load_checkpoint(root / "run" / "final.pt")
+    shutil.copytree(root / "run", root / "old_final")
+    torch.save({**old, "args": {**old["args"], "arch": "resnet50"}}, root / "old_final" / "final.pt")
+    shutil.copytree(root / "run", root / "no_state")
+    torch.save({k: v for k, v in old.items() if k != "resume"}, root / "no_state" / "final.pt")
     yield {"root": root, "diverged": diverged.value}
 
 
@@ -109,6 +124,13 @@ BAD_INPUTS = {
     "vit-alpha-max": ("train_vit.py", ["--alpha-max", "2"], "argument --alpha-max: must be a finite number in [0, 1]",
                       2),
     "eval-epsilon": ("evaluate.py", ["{run}", "--epsilon", "nan"], "argument --epsilon: must be a finite number", 2),
+    # every count a user types has a limit, checked before anything is spent
+    "eval-eot-draws": ("evaluate.py", ["{run}", "--eot-draws", "1000000000"], "argument --eot-draws: must be a finite "
+                                                                              "number in [1, 1000], got 1000000000", 2),
+    "eval-sanity-restarts": ("evaluate.py", ["{run}", "--sanity", "--sanity-restarts", "1000000000"],
+                             "argument --sanity-restarts: must be a finite number in [0, 100]", 2),
+    "eval-landscape-steps": ("evaluate.py", ["{run}", "--landscape", "--landscape-steps", "100000"],
+                             "argument --landscape-steps: must be a finite number in [1, 101]", 2),
     # sizes beyond the data
     "piat-train-size": ("train_piat.py", ["--train-size", "10000000"], "--train-size 10000000, but the data set has "
                                                                        "only 4000 images", 1),
@@ -140,6 +162,18 @@ BAD_INPUTS = {
     "piat-out-dir-is-a-file": ("train_piat.py", [*TINY, "--out-dir", "{file}"], "--out-dir {file} is a file", 1),
     "rdat-resume-piat-run": ("train_rdat.py", ["--resume", "{run}"], "a run of train_piat.py, not train_rdat.py", 1),
     "piat-resume-my-files": ("train_piat.py", ["--resume", "{mine}/final.pt"], "--resume {mine}/final.pt: no run", 1),
+    "piat-resume-lost-final": ("train_piat.py", ["--resume", "{lost_final}"], "--resume {lost_final}: final.pt is "
+                               "missing but best.pt or metrics.csv hold saved epochs, so it cannot continue", 1),
+    "piat-resume-edited-args": ("train_piat.py", ["--resume", "{edited_args}"], "--resume {edited_args}: its args.json "
+                                "holds --epochs '2', which train_piat.py refuses; start a new run", 1),
+    "piat-resume-unknown-loss": ("train_piat.py", ["--resume", "{unknown_loss}"], "holds --loss 'foo', which "
+                                 "train_piat.py refuses", 1),
+    "piat-resume-missing-flag": ("train_piat.py", ["--resume", "{missing_flag}"], "holds --lr None, which "
+                                 "train_piat.py refuses (written by another version?)", 1),
+    "piat-resume-old-final": ("train_piat.py", ["--resume", "{old_final}"], "--resume {old_final}: its final.pt holds "
+                              "--arch 'resnet50', which train_piat.py refuses", 1),
+    "piat-resume-no-state": ("train_piat.py", ["--resume", "{no_state}"], "{no_state}/final.pt holds no training "
+                             "state to continue from", 1),
     "eval-nan-weights": ("evaluate.py", ["{nan_weights}/final.pt", "--device", "cpu"],
                          "{nan_weights}/final.pt holds weights that are not finite (linear.bias is nan)", 1),
     # devices

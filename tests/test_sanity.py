@@ -5,6 +5,7 @@ masking: detached low-pass, checkerboard and colour-channel paths, replaced back
 caught, each by the check meant for it; the statistics behind WARN and FAIL; the command line end to end. Synthetic
 images, a narrow small-cnn, small n and attack budgets (about two minutes)."""
 
+import copy
 import dataclasses
 import json
 import re
@@ -314,6 +315,55 @@ def test_honest_models_pass_the_gradient_probe(honest, images, resnet):
     results = gradient_checks(resnet, x[:32], y[:32])
     assert all(r["status"] == "PASS" for r in results.values()), {n: r["detail"] for n, r in results.items()}
     assert results["finite-difference"]["numbers"]["max_error"] < 1e-2
+
+
+class Bf16Inside(Wrapped):
+    """A model that computes in bf16 (autocast inside its forward pass, as GPU-trained models are often evaluated),
+    its logits returned in float32: the probe cannot use a float64 copy and runs in float32."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return super().forward(x).float()
+
+
+class StraightThrough(nn.Module):
+    """The model's function with the gradient of another: forward net(x), backward that of net(blur(x))."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        soft = self.model(blur(x))
+        return soft + (self.model(x) - soft).detach()
+
+
+def test_a_model_computing_in_bf16_or_fp16_passes_and_a_straight_through_estimator_does_not(honest, images):
+    """Rounding is not a replaced gradient: a model under bf16 autocast, or with fp16 weights, passes the probe,
+    judged at the larger steps at which its finite differences settle, and the line says the check was weaker; a
+    straight-through estimator (soft = net(blur(x)); soft + (net(x) - soft).detach()) FAILs in float64, and under bf16
+    is flagged on more images than the honest model."""
+    model, _ = honest
+    x, y = images
+    fp16 = Wrapped(copy.deepcopy(model).half(), before=lambda x: x.half(), after=lambda z: z.float())
+    flagged = {}
+    for candidate in (Bf16Inside(model), fp16):
+        results = gradient_checks(candidate, x, y)
+        fd = results["finite-difference"]
+        assert all(r["status"] == "PASS" for r in results.values()), {n: r["detail"] for n, r in results.items()}
+        numbers = fd["numbers"]
+        assert numbers["precision"] == "float32" and numbers["judged"] >= 20 and numbers["flagged"] < 0.1, fd["detail"]
+        assert sum(k for step, k in numbers["steps"].items() if step != "0.0001") >= numbers["judged"] / 2
+        assert fd["detail"].startswith("autograd's directional derivative (CW margin) differs from a central "
+                                       "difference (float32, images per step: ")
+        assert "judged at larger steps (the model rounds below float32, or kinks): a weaker check" in fd["detail"]
+        flagged[type(candidate).__name__] = numbers["flagged"]
+    fd = gradient_checks(StraightThrough(model), x, y)["finite-difference"]
+    assert fd["status"] == "FAIL" and fd["numbers"]["precision"] == "float64" and fd["numbers"]["flagged"] > 0.5
+    assert "judged at larger steps" not in fd["detail"]
+    # in bf16 rounding hides most of it (the line says so): still flagged on several times the honest model's share
+    fd = gradient_checks(Bf16Inside(StraightThrough(model)), x, y)["finite-difference"]
+    assert fd["numbers"]["flagged"] >= max(0.05, 3 * flagged["Bf16Inside"]), (fd["detail"], flagged)
 
 
 def test_identity_wrapper_changes_nothing(honest, images, honest_results):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import sweep
@@ -139,7 +140,7 @@ def test_dry_run_status_and_bad_input(tmp_path, capsys):
     assert sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), "--status"]) == 0
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("failed   synthetic/nmse-nopiat/seed0"))
-    assert lines[at].endswith("diverged at not started; delete its folder to train it again")
+    assert lines[at].endswith("diverged (no epoch saved); delete its folder to train it again")
     assert lines[at + 1] == "    | train_piat.py: diverged: the training loss is nan at epoch 2, step 1"
     assert lines[-1] == "4 runs: 0 done, 0 running, 1 failed, 3 to do"
     # so is a folder holding a run of other settings: it never passes for this sweep's
@@ -163,15 +164,18 @@ def test_dry_run_status_and_bad_input(tmp_path, capsys):
                                                 "unrecognized arguments: --no-such-flag"),
                            (["--lr", "abc"], "argument --lr: invalid float value: 'abc'")):
         for action in ([], ["--dry-run"]):
-            with pytest.raises(utils.UserError, match=message):
+            with pytest.raises(SystemExit) as refused:  # as a flag of sweep.py's own: exit status 2
                 sweep.main([*GRID_FLAGS, "--sweep-dir", str(sweep_dir), *flags, *action])
-            assert capsys.readouterr().out == ""
+            captured = capsys.readouterr()
+            assert refused.value.code == 2 and captured.out == "" and message in captured.err
     for argv, message in ((["table9"], "unknown 'table9'"), (["table5", "--seed", "3"], "--seed is set by sweep.py"),
-                          (["table5", "--datasets", "mnist", "--dry-run"], "argument --datasets: unknown 'mnist'")):
-        with pytest.raises(SystemExit):
+                          (["table5", "--datasets", "mnist", "--dry-run"], "argument --datasets: unknown 'mnist'"),
+                          (["table5", "--seeds", "1000000000", "--dry-run"], "argument --seeds: must be a finite "
+                                                                             "number in [1, 100], got 1000000000")):
+        with pytest.raises(SystemExit) as refused:
             sweep.main(argv)
         captured = capsys.readouterr()
-        assert message in captured.err and captured.out == ""
+        assert refused.value.code == 2 and message in captured.err and captured.out == ""
     assert sorted(p.name for p in logs.rglob("*")) == ["job.err", "jobs", "result.pkl", record.name]  # no launch
 
 
@@ -199,8 +203,13 @@ def test_submitit_is_imported_only_to_launch_and_bad_input_is_one_line(tmp_path,
         result = subprocess.run([sys.executable, "-c", code, action], cwd=root, capture_output=True, text=True)
         assert result.returncode == 0 and "4 run" in result.stdout, result.stderr
     result = run_script(root / "sweep.py", *GRID_FLAGS, "--sweep-dir", tmp_path / "sweep", "--no-such-flag")
-    assert result.returncode == 1 and one_line_error(result, "sweep.py").endswith("unrecognized arguments: "
+    assert result.returncode == 2 and one_line_error(result, "sweep.py").endswith("unrecognized arguments: "
                                                                                  "--no-such-flag")
+    result = run_script(root / "sweep.py", *GRID_FLAGS, "--sweep-dir", tmp_path / "sweep", "--epochs", "0")
+    assert result.returncode == 2 and one_line_error(result, "sweep.py") == (
+        "sweep.py: error: train_piat.py refuses the flags of synthetic/alp-nopiat/seed0: argument --epochs: must be a "
+        "finite number in (0, inf), got 0")
+    assert not (tmp_path / "sweep").exists()
 
 
 def in_the_middle(run_dirs):
@@ -271,7 +280,8 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
     # the report: mean ± std over the two seeds of each method, as in the runs' eval.json
     assert sweep.main([*argv, "--report"]) == 0
     markdown = (sweep_dir / "report" / "table5.md").read_text()
-    assert markdown in capsys.readouterr().out
+    body, signature = markdown.rsplit("<!-- ", 1)  # the file ends in a line that tells it from a file of the user's
+    assert body in capsys.readouterr().out and signature.startswith("written by sweep.py --report; sha256 ")
     for method, loss in (("ALP", "alp"), ("NMSE", "nmse")):
         results = [json.loads((sweep_dir / "synthetic" / f"{loss}-nopiat" / f"seed{s}" / "eval.json").read_text())
                    for s in (0, 1)]
@@ -320,6 +330,61 @@ def test_report_marks_each_difference_to_pgd_at(tmp_path):
         assert "Δ" not in lines[reference + 1]  # PGD-AT is not compared with itself
         assert any(line.startswith("Δ vs PGD-AT: accuracy minus PGD-AT's (points) [95 % interval") for line in lines)
     assert (tmp_path / "report" / "synthetic" / "averaging.png").exists()
+    # its own files are written again; a report edited since, or a file of the user's, never: nothing is written
+    assert sweep.main([*argv, "--report"]) == 0
+    report = tmp_path / "report" / "table1.md"
+    report.write_text(report.read_text() + "my comment on the table\n")
+    before = {path: path.read_bytes() for path in (tmp_path / "report").rglob("*") if path.is_file()}
+    with pytest.raises(utils.UserError, match=f"{report} holds a file this command did not write \\(or one edited"):
+        sweep.main([*argv, "--report"])
+    assert {path: path.read_bytes() for path in (tmp_path / "report").rglob("*") if path.is_file()} == before
+    report.unlink()
+    (tmp_path / "report" / "synthetic" / "averaging.png").write_bytes(b"my own figure")
+    with pytest.raises(utils.UserError, match="averaging.png holds a file this command did not write"):
+        sweep.main([*argv, "--report"])
+    assert not report.exists()
+    # a sweep folder without results (a typo): one line, no report folder made
+    with pytest.raises(utils.UserError, match="no run of table1, averaging has results yet: nothing to report"):
+        sweep.main([*argv[:-1], str(tmp_path / "typo"), "--report"])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_run_evaluated_with_other_settings_is_evaluated_again(tmp_path, capsys):
+    """eval.json rows of another --n-examples, or of another eps, do not count as this sweep's evaluation."""
+    argv = [*GRID_FLAGS, "--seeds", "1", "--sweep-dir", str(tmp_path)]
+    plan = sweep.plan_from_args(*sweep.parse_args(argv))
+    for run in plan.runs.values():  # trained to the end, evaluated on 16 images
+        run.run_dir.mkdir(parents=True)
+        torch.save({"model": {}, "arch": "small-cnn", "num_classes": 10, "mean": (0.5,) * 3, "std": (0.25,) * 3,
+                    "args": {"epochs": EPOCHS}, "metrics": [], "epoch": EPOCHS}, run.run_dir / "final.pt")
+        rows = [{"role": role, "attack": attack, "n": 16, "subset": "fixed", "seed": 0, "amp": False,
+                 "epsilon_255": 8.0 if attack == "pgd20" else 0.0, "step_size_255": 2.0}
+                for role in ("best", "final") for attack in ("clean", "pgd20")]
+        (run.run_dir / "eval.json").write_text(json.dumps({"results": rows}))
+    assert sweep.main([*argv, "--status"]) == 0 and capsys.readouterr().out.endswith("2 runs: 2 done, 0 running, "
+                                                                                     "0 failed, 0 to do\n")
+    for more, to_do in ((["--n-examples", "32"], "clean,pgd20"), (["--attacks", "pgd20", "--n-examples", "32"],
+                                                                  "pgd20")):
+        assert sweep.main([*argv, *more, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "2 of 2 runs to launch" in out and f"trained; evaluates {to_do}" in out
+        assert f"evaluate.py {next(iter(plan.runs))} --attacks {to_do} --n-examples 32" in out
+    rows[1]["epsilon_255"] = 4.0  # its PGD-20 at another eps
+    (run.run_dir / "eval.json").write_text(json.dumps({"results": rows}))
+    assert sweep.main([*argv, "--status"]) == 0
+    assert f"to do    {run.key:44s} trained; evaluates pgd20" in capsys.readouterr().out
+
+
+def test_a_run_that_diverged_in_this_process_is_reported_as_failed(tmp_path, capsys):
+    argv = [*GRID_FLAGS, "--seeds", "1", "--sweep-dir", str(tmp_path), "--lr", "1e38"]
+    assert sweep.main([*argv, "--launcher", "inline"]) == 1
+    assert "0 run(s) finished, 2 failed (above)" in capsys.readouterr().out
+    assert sweep.main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[:2]] == ["failed", "failed"] and out[-1].endswith("2 failed, 0 to do")
+    assert all(line.endswith("diverged (no epoch saved); delete its folder to train it again") for line in out[:2])
+    assert sweep.main([*argv, "--launcher", "inline"]) == 1  # not retried
+    assert "0 of 2 runs to launch: nothing to do" in capsys.readouterr().out
 
 
 def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):

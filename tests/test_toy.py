@@ -190,8 +190,13 @@ def test_a_short_run_writes_the_summary(tiny_run):
 
 @pytest.mark.parametrize("flags,message", [(["--epsilon", "-1"], "must be a finite number in [0, inf]"),
                                            (["--methods", "sgd"], "invalid choice"),
-                                           (["--seeds", "0"], "must be a finite number in (0, inf)"),
-                                           (["--train-size", "1"], "must be a finite number in [2, inf]")])
+                                           (["--seeds", "0"], "must be a finite number in [1, 1000], got 0"),
+                                           (["--seeds", "1000000000"], "must be a finite number in [1, 1000]"),
+                                           (["--seed", "4294967295", "--seeds", "2"], "argument --seeds: seeds "
+                                            "4294967295..4294967296 pass 4294967295, the largest seed"),
+                                           (["--threads", "1000000000"], "must be a finite number in [1, 1024]"),
+                                           (["--pgd-steps", "1000000000"], "must be a finite number in [0, 1000]"),
+                                           (["--train-size", "1"], "must be a finite number in [2, 1000000]")])
 def test_bad_flags_fail_in_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         te.main(flags)
