@@ -14,8 +14,10 @@ FILES = sorted(p for p in [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")])
 ENTRY_POINTS = {"main", "parse_args", "train", "SCRIPT", "METRIC_FIELDS", "LOSSES", "ROOT"}
 # the building blocks the scripts write inline, each with the files that must hold an identical copy
 BUILDING_BLOCKS = {
-    "pgd_attack": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py"],
-    "cw_margin": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py"],
+    "pgd_attack": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py", "sanity.py", "report.py"],
+    "cw_margin": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py", "sanity.py", "report.py"],
+    "ExpectedLogits": ["evaluate.py", "sanity.py"],
+    "Bf16Autocast": ["evaluate.py", "sanity.py"],
     "attack_flags": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py"],
     "nmse_loss": ["train_piat.py", "train_vit.py", "toy_example.py"],
     "trades_kl": ["train_piat.py", "train_vit.py", "train_rdat.py"],

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import evaluate
+import report
 import sweep
 import utils
 from sweep import read_metrics
@@ -282,7 +283,7 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
 
 
 def test_report_marks_each_difference_to_pgd_at(tmp_path):
-    """Table I and the averaging table: under each method its difference to PGD-AT (evaluate.compare_flags on the
+    """Table I and the averaging table: under each method its difference to PGD-AT (report.compare_flags on the
     per-image results, seeds paired in order), * where p < 0.05, – for a run evaluated without per-image results."""
     argv = ["table1,averaging", "--profile", "quick", "--seeds", "3", "--sweep-dir", str(tmp_path)]
     plan = sweep.plan_from_args(*sweep.parse_args(argv))
@@ -309,7 +310,7 @@ def test_report_marks_each_difference_to_pgd_at(tmp_path):
             if role == "diff" or method == "MAIL":
                 assert cell == ("" if role == "diff" else "–"), (method, role, attack)
                 continue
-            s = evaluate.compare_flags(*([flags[d, role, attack] for d in table[m]] for m in ("PGD-AT", method)))
+            s = report.compare_flags(*([flags[d, role, attack] for d in table[m]] for m in ("PGD-AT", method)))
             assert cell == (f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] "
                             f"p={s['p_value']:.2g}" + " *" * (s["p_value"] < 0.05)), (method, role, attack)
             significant = method in ("PIAT + NMSE", "PIAT")  # 75 % against 50 % on 3 x 200 images; else the same
