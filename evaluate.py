@@ -810,21 +810,20 @@ def release(run, checkpoints, json_path, models, args, device, cache):
     kept in json_path, the files beside it (RUN/MODEL_CARD.md; CKPT.MODEL_CARD.md beside CKPT.eval.json)."""
     import report  # loaded only when asked for, as sanity.py
 
-    saved, roles = read_results(json_path), dict(checkpoints)
+    saved, roles, found = read_results(json_path), dict(checkpoints), {}  # found: each set of weights' curves, once
     stem = "" if json_path.name == "eval.json" else json_path.name.removesuffix(".json").removesuffix(".eval") + "."
-    beside = lambda name: json_path.parent / f"{stem}{name}"  # noqa: E731
-    reported = args.reported if args.reported in roles else next(iter(roles))
+    beside = json_path.parent.joinpath
+    reported = args.reported if args.reported in roles else next(iter(roles))  # a checkpoint file: itself
     model, info = models[str(roles[reported])]
     if args.curve:
-        found = {}  # identical weights (best.pt is often the final epoch) measured once
         saved["curves"] = [c for c in saved.get("curves", []) if c["run"] != run] + [
             {**c, "role": role} for role, ckpt in checkpoints for c in robustness_curve(run, ckpt, models, args,
                                                                                            device, cache, found)]
         save_results(saved, json_path)
         curves, rows = [c for c in saved["curves"] if c["run"] == run], [r for r in saved["results"] if r["run"] == run]
-        report.plot_curves(curves, beside("robustness_curve.png"), f"{info['method']}: accuracy against eps")
+        report.plot_curves(curves, beside(stem + "robustness_curve.png"), f"{info['method']}: accuracy against eps")
         if rows:  # the per-class accuracies every result row holds: nothing measured again
-            report.plot_class_accuracy(rows, beside("class_accuracy.png"), info["method"])
+            report.plot_class_accuracy(rows, beside(stem + "class_accuracy.png"), info["method"])
     export = None
     if args.export:
         x, _, _ = load_test_images(info, roles[reported], args, cache)
@@ -832,8 +831,8 @@ def release(run, checkpoints, json_path, models, args, device, cache):
         export = report.export_model(model, tuple(x.shape[1:]), Path(args.export), {**meta, "checkpoint": reported})
     if args.card:  # from the rows already measured; what the card shows is kept in json_path too
         card = report.write_card([r for r in saved["results"] if r["run"] == run], saved.get("sanity", []), reported,
-                                 roles[reported], info["kind"], export, device, beside("MODEL_CARD.md"),
-                                 beside("robustbench.json"))
+                                 roles[reported], info["kind"], export, device, beside(stem + "MODEL_CARD.md"),
+                                 beside(stem + "robustbench.json"))
         saved["cards"] = [c for c in saved.get("cards", []) if c["run"] != run] + [card]
         save_results(saved, json_path)
 

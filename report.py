@@ -280,7 +280,8 @@ def card_entry(rows, reported, checkpoint, script, training_args, defaults, sani
     aa = next((r for r in rows if r["role"] == reported and r["attack"] == "aa"), None)
     return {"run": first["run"], "reported": reported, "method": first["method"], "arch": first["arch"],
             "dataset": first["dataset"], "epoch": first["epoch"], "epochs": training_args.get("epochs"),
-            "seed": training_args.get("seed"),            "subset": first["subset"], "norm": norm, "eps": eps, "checkpoint": checkpoint,
+            "seed": training_args.get("seed"), "subset": first["subset"], "norm": norm, "eps": eps,
+            "checkpoint": checkpoint,
             "sha256": sha256(checkpoint), "script": script,
             "train_command": train_command(script, training_args, defaults) if training_args else None,
             "eval_command": eval_command(first["run"], rows), "evaluated_on": evaluated_on,
