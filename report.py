@@ -431,7 +431,7 @@ def write_card(rows, sanity, role, checkpoint, kind, export, device, card_path, 
 # === Figures (--curve): accuracy against eps, and per class
 
 
-def plot_curves(curves, path, title):
+def plot_robustness_curve(curves, path, title):
     """robustness_curve.png: accuracy against eps (in the norm's unit), one line per checkpoint and attack of each
     run, with +-1 standard error."""
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is

@@ -20,13 +20,13 @@ from conftest import TINY
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    """A 2-epoch run evaluated (clean, PGD-20, CW-20) with --card --curve --export, the last on its final.pt."""
+    """A 2-epoch run evaluated (clean, PGD-20, CW-20 on 64 images) with --card --curve --export of its final.pt."""
     tmp = tmp_path_factory.mktemp("card")
     run = tmp / "run"
     tp.main([*TINY, "--epochs", "2", "--no-amp", "--out-dir", str(run)])
-    out = ev.main([str(run), "--attacks", "clean,pgd20,cw20", "--n-examples", "64", "--device", "cpu", "--card", "--curve",
-                   "--export",
-                   str(tmp / "model.pt2"), "--reported", "final", "--curve-epsilons", "0,2,8,32,128"])
+    out = ev.main([str(run), "--attacks", "clean,pgd20,cw20", "--n-examples", "64", "--device", "cpu", "--card",
+                   "--curve", "--export", str(tmp / "model.pt2"), "--reported", "final",
+                   "--curve-epsilons", "0,2,8,32,128"])
     return run, tmp / "model.pt2", out
 
 

@@ -5,7 +5,6 @@ masking: detached low-pass, checkerboard and colour-channel paths, replaced back
 caught, each by the check meant for it; the statistics behind WARN and FAIL; the command line end to end. Synthetic
 images, a narrow small-cnn, small n and attack budgets (about two minutes)."""
 
-import dataclasses
 import json
 import re
 from importlib.util import find_spec
@@ -101,11 +100,11 @@ def resnet():
 
 @pytest.fixture(scope="module")
 def honest_results(honest, images):
-    """The checklist on the honest model through the notebook's entry point (and a check that it leaves the model as
+    """The checklist on the honest model through its one entry point, sanity.run_sanity_checks (and a check that it leaves the model as
     it was)."""
     model, _ = honest
     weights = utils.state_fingerprint(model)
-    results = ev.sanity(model, *images, **dataclasses.asdict(SMALL))
+    results = sanity.run_sanity_checks(model, *images, SMALL)
     assert utils.state_fingerprint(model) == weights
     return by_name(results)
 
