@@ -821,7 +821,7 @@ def release(run, checkpoints, json_path, models, args, device, cache):
                                                                                            device, cache, found)]
         save_results(saved, json_path)
         curves, rows = [c for c in saved["curves"] if c["run"] == run], [r for r in saved["results"] if r["run"] == run]
-        report.plot_robustness_curve(curves, beside(stem + "robustness_curve.png"), f"{info['method']}: accuracy against eps")
+        report.plot_robustness_curve(curves, beside(stem + "robustness_curve.png"), info["method"])
         if rows:  # the per-class accuracies every result row holds: nothing measured again
             report.plot_class_accuracy(rows, beside(stem + "class_accuracy.png"), info["method"])
     export = None

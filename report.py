@@ -443,7 +443,7 @@ def plot_robustness_curve(curves, path, title):
         ax.errorbar(c["epsilons"], 100 * acc, yerr=100 * np.sqrt(acc * (1 - acc) / c["n"]), marker="o", capsize=3,
                     label=f"{c['method']} ({c['role']}), {TITLES[c['attack']]}")
     unit = "eps (1/255, L-inf)" if curves[0]["norm"] == "linf" else "eps (L2, [0, 1] pixel units)"
-    ax.set(xlabel=unit, ylabel="accuracy (%)", ylim=(-2, 102), title=title)
+    ax.set(xlabel=unit, ylabel="accuracy (%)", ylim=(-2, 102), title=f"{title}: accuracy against eps")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, never on them
     fig.tight_layout()
     utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

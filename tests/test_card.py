@@ -94,7 +94,8 @@ def test_the_exported_model_runs_without_this_project(released, tmp_path):
     script = ("import sys, torch\nm = torch.export.load(sys.argv[1]).module()\n"
               "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n"
               "assert 'utils' not in sys.modules\n"
-              "try:\n    import utils\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('utils importable')\n")
+              "try:\n    import utils\nexcept ImportError:\n    pass\n"
+              "else:\n    raise SystemExit('utils importable')\n")
     (tmp_path / "load.py").write_text(script)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "load.py", str(exported), "x.pt", "out.pt"], cwd=tmp_path, env=env,
