@@ -300,7 +300,7 @@ def test_honest_models_pass_the_gradient_probe(honest, images, resnet):
     kernel = torch.ones(3, 1, 1, 1)  # a float32 identity convolution: the float64 copy raises
     float32 = Wrapped(model, before=lambda x: F.conv2d(x, kernel, groups=3))
     border = Wrapped(model, before=lambda x: F.pad(x[..., 2:-2, 2:-2], (2, 2, 2, 2)))
-    candidates = ((model, "float64", 0.0), (float32, "float32", 0.0), (ev.Bf16Autocast(model), "float64", 0.0),
+    candidates = ((model, "float64", 0.0), (float32, "float32", 0.0), (sanity.Bf16Autocast(model), "float64", 0.0),
                   (border, "float64", 1 - 28**2 / 32**2))
     for candidate, precision, zero in candidates:
         results = gradient_checks(candidate, x, y)
