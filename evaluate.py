@@ -790,9 +790,9 @@ def sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, ca
                  "n": len(y), "seed": args.seed, "device": str(device), "amp": args.amp,
                  "settings": dataclasses.asdict(settings)}
         png = json_path.parent / f"{output_stem(run, ckpt, role, is_run_dir, args.out)}.sanity.png"
-        title = f"{info['method']} ({role}): sanity checks, {len(y)} {images['dataset']} images, eps {args.epsilon:g}/255"
+        title = f"{info['method']} ({role}): sanity, {len(y)} {images['dataset']} images, eps {args.epsilon:g}/255"
         net = checklist.Bf16Autocast(model.to(device)) if args.amp else model.to(device)  # sanity.py's: it unwraps it
-        entry.update(checklist.check_checkpoint(net, utils.to_float(x), y, settings, role, png, title, checked.get(same)))
+        entry.update(checklist.check_checkpoint(net, x, y, settings, role, png, title, checked.get(same)))
         checked.setdefault(same, entry)
         model.cpu()
         saved["sanity"] = [e for e in saved["sanity"] if (e["run"], e["role"]) != (run, role)] + [entry]

@@ -703,14 +703,14 @@ def plot_sanity(results, path, title):
 
 
 def check_checkpoint(model, x, y, settings, role, png, title, earlier=None):
-    """evaluate.py --sanity on one checkpoint (x float, y on the CPU): the checks (an earlier entry's for the same
+    """evaluate.py --sanity on one checkpoint (x uint8, y on the CPU): the checks (an earlier entry's for the same
     weights and images), printed, drawn to png; returns the entry's fields."""
     if earlier is not None:
         found = {"checks": earlier["checks"], "seconds": 0.0, "pgd20_seconds": earlier["pgd20_seconds"],
                  "same_weights_as": earlier["checkpoint"]}
     else:
         start = time.time()
-        checks = run_sanity_checks(model, x, y, settings)
+        checks = run_sanity_checks(model, utils.to_float(x), y, settings)
         pgd20 = next(c for c in checks if c["name"] == "valid-examples")["numbers"]["attacks"]["pgd20"]["seconds"]
         found = {"checks": checks, "seconds": time.time() - start, "pgd20_seconds": pgd20}
     found["counts"] = print_sanity(found["checks"], role)
