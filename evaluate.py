@@ -1,36 +1,24 @@
 """Evaluate checkpoints as the PIAT paper does: clean, PGD-20, CW-20 and AutoAttack accuracy of a run's best and final
-checkpoint and their difference (Table I); the loss landscape (Fig. 8); a checklist against gradient masking.
+checkpoint and their difference (Table I); what follows from those numbers (--table, --compare, --card, --curve,
+--export); the loss landscape (Fig. 8); a checklist against gradient masking (--sanity). docs/evaluation.md says
+what each attack, image subset and option does, with examples.
 
     python evaluate.py runs/RUN                                    # best.pt and final.pt -> runs/RUN/eval.json
-    python evaluate.py runs/RUN/final.pt --attacks clean,pgd20     # one checkpoint -> runs/RUN/final.eval.json
-    python evaluate.py model.pt --arch resnet18 --dataset cifar10  # a plain state_dict of another project
-    python evaluate.py --table runs/a runs/b --paper cifar10       # several runs' results as one Table I
-    python evaluate.py runs/RUN --landscape                        # Fig. 8: final.landscape.npz and .png
-    python evaluate.py runs/RUN --sanity                           # is the evaluation trustworthy? (sanity.py)
+    python evaluate.py runs/RUN --card --curve --export RUN.pt2    # a model card, curves and a self-contained model
     python evaluate.py --model my_defence.py:build --sanity        # any nn.Module of yours: build() returns it
     python evaluate.py --compare runs/pgdat runs/piat              # differences with 95 % intervals and p-values
-
-pgd20 and cw20: 20 L-inf steps of --step-size on the cross-entropy or the CW margin max_{j!=y} f_j - f_y from a
-uniform start in the --epsilon ball (the training scripts' pgd_attack), BatchNorm in eval mode, images in [0, 1];
-aa: AutoAttack through pyautoattack; eot20: PGD-20 on the logits averaged over --eot-draws draws, added for a model
-whose forward pass is random (EOT, Athalye et al. 2018). --seed is set afresh before each number. Images: the whole
-test set, or the first --n-examples (--subset first: cifar10/cifar100/svhn, as RobustBench) or
-sorted(utils.fixed_subset(n_test, N)) (--subset fixed: image folders and synthetic sets, ordered by class; what
---eval-size N evaluates every epoch).
 """
 
 import argparse
-import functools
+import dataclasses
 import importlib.util
 import json
 import logging
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,7 +36,6 @@ NO_INFO = {"weights": "trained", "epoch": None, "epochs": None, "num_classes": N
            "dataset": None, "data_dir": None, "image_size": None}  # what a model from elsewhere does not say
 NOT_CONFIGURATION = {"seed", "out_dir", "exp_name", "wandb_id", *utils.RESUME_MAY_CHANGE}  # --compare: seeds of one
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"state_dict": {...}} and the like
-# The paper's numbers (their one copy: sweep.py --report and paper.ipynb read them)
 # The PIAT paper's Table I (ResNet-18): dataset -> method -> (best, final, diff) for Clean, PGD20, CW, AA, in %
 PAPER_TABLE_I = {
     "cifar10": {
@@ -140,6 +127,17 @@ def parse_args(argv=None):
     g.add_argument("--landscape-range", type=number(float, 0, open_bounds=True), default=1.0, help="a, b in +-range")
     g.add_argument("--landscape-batch", type=positive_int, default=256, help="the first N of the evaluated images")
     g.add_argument("--landscape-pgd-steps", type=number(int, 0, 1000), default=20, help="PGD steps of its attack")
+    g = p.add_argument_group("results to take elsewhere, beside the results JSON (report.py)")
+    g.add_argument("--card", action="store_true", help="MODEL_CARD.md and robustbench.json from the results")
+    g.add_argument("--curve", action="store_true",
+                   help="accuracy against eps of each checkpoint: robustness_curve.png, and class_accuracy.png")
+    g.add_argument("--curve-epsilons", type=epsilon_list, default=[0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0],
+                   help="the curve's eps in 1/255 units (its PGD-20 steps eps/4)")
+    g.add_argument("--curve-attacks", type=choice_list(("pgd20", "aa")), default=["pgd20"], help="of pgd20,aa")
+    g.add_argument("--reported", type=str, default="best", choices=("best", "final"),
+                   help="the checkpoint --card's RobustBench entry and --export describe")
+    g.add_argument("--export", type=str, default=None, metavar="FILE.pt2",
+                   help="the reported checkpoint as a torch.export file, loadable without this project")
     g = p.add_argument_group("sanity checklist against gradient masking and broken attacks (sanity.py)")
     g.add_argument("--sanity", action="store_true", help="run it on each checkpoint (after --attacks, when given)")
     g.add_argument("--strict", action="store_true", help="with --sanity: exit status 1 when a check FAILs")
@@ -151,7 +149,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     # defaults that depend on other flags, and the checks argparse cannot make
     if args.attacks is None:
-        args.attacks = [] if args.landscape or args.sanity else list(ATTACKS)
+        args.attacks = [] if args.landscape or args.sanity or args.card or args.curve or args.export else list(ATTACKS)
     if not args.paths and not args.model:
         p.error("give run folders or checkpoints (or --model FILE.py:NAME)")
     if args.model and (args.paths or args.arch or args.table or args.compare):
@@ -169,6 +167,11 @@ def parse_args(argv=None):
     if foreign and args.arch is None and not args.table:
         raise utils.UserError(f"{foreign[0]} describes a plain state_dict and needs --arch; checkpoints of this "
                               "project carry their own architecture and normalisation")
+    if (args.card or args.curve or args.export) and (args.table or args.compare):
+        raise utils.UserError("--card, --curve and --export describe checkpoints; --table and --compare only gather")
+    if args.export and (not args.export.endswith(".pt2") or Path(args.export).exists() or len(args.paths) > 1):
+        raise utils.UserError(f"--export {args.export}: give one run or checkpoint and a new FILE.pt2 (nothing "
+                              "already there is written over)")
     if args.strict and not args.sanity:
         raise utils.UserError("--strict goes with --sanity")
     if args.sanity and args.table:
@@ -328,6 +331,8 @@ def user_model(spec):
     """--model FILE.py:NAME: (NAME() of FILE.py, info). FILE.py may be anywhere (it need not be importable; files
     beside it are). The nn.Module it returns maps [0, 1] images (N, C, H, W) to logits; it is put in eval mode and
     its own randomness is left alone."""
+    if spec.endswith(".pt2"):  # a model --export wrote: nothing to call
+        return exported_model(spec)
     file, _, name = spec.rpartition(":")
     path = Path(file)
     if not file or not name.isidentifier():
@@ -379,6 +384,21 @@ def user_model(spec):
 
     return model, {**NO_INFO, "kind": "model", "arch": type(model).__name__, "method": f"{path.name}:{name}",
                    "probe": probe, "spec": spec, "flags": {"model": f"{path.absolute()}:{name}"}}
+
+
+def exported_model(path):
+    """--model FILE.pt2: a model evaluate.py --export wrote, with what it says it is (its data set, method, classes)."""
+    import report
+
+    try:
+        model = report.ExportedModel(path)
+    except Exception as err:  # a missing file, or not one torch.export wrote
+        raise utils.UserError(f"--model {path}: not what --export writes ({utils.first_line(err)})") from None
+    meta = model.meta
+    return model, {**NO_INFO, "kind": "model", "arch": meta.get("arch", "exported"), "epoch": meta.get("epoch"),
+                   "method": meta.get("method", Path(path).name), "num_classes": meta.get("num_classes"),
+                   "dataset": meta.get("dataset"), "probe": lambda x: (model(x).shape[1], False), "spec": path,
+                   "flags": {"model": str(Path(path).absolute())}}
 
 
 def project_model(path):
@@ -469,7 +489,7 @@ def classifier_outputs(arch, state_dict):
 def resolve_inputs(paths, out, model=None):
     """[(run, [(role, checkpoint path)], json path, is a run folder)] for the given folders and files (or --model:
     its file, results beside it as FILE.eval.json)."""
-    file, _, name = (model or "").rpartition(":")
+    file, _, name = (model or "").rpartition(":") if not str(model).endswith(".pt2") else (model, "", "exported")
     jobs = [(f"{Path(file).absolute()}:{name}", [("model", Path(file).absolute())], Path(out) if out else
              Path(file).absolute().with_suffix(".eval.json"), False)] if model else []
     for text in [] if model else paths:
@@ -554,6 +574,7 @@ def measure(model, x, y, attack, args, device, desc):
     worst = min(range(len(accuracy)), key=accuracy.__getitem__)
     return {**extra, "accuracy": int(flags.sum()) / len(y), "correct": int(flags.sum()),
             "class_accuracy": dict(zip(map(int, classes), accuracy)), "worst_class": int(classes[worst]),
+            "class_n": {int(c): int((y == c).sum()) for c in classes},
             "worst_class_accuracy": accuracy[worst], "per_image": flags.int().tolist()}
 
 
@@ -627,7 +648,9 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
             save_results(saved, json_path)
         if landscape:  # beside the results: RUN/final.landscape.*, CKPT.landscape.*, with --out RUN_NAME.final.*
             name = output_stem(run, ckpt, role, is_run_dir, args.out)
-            entry = landscape_for(model, x, y, args, device, common, json_path.parent / f"{name}.landscape")
+            import report  # Fig. 8, loaded only when asked for
+
+            entry = report.landscape_for(model, x, y, args, device, common, json_path.parent / f"{name}.landscape")
             saved["landscapes"] = [e for e in saved["landscapes"] if (e["run"], e["role"]) != (run, role)] + [entry]
             save_results(saved, json_path)
         model.cpu()
@@ -751,194 +774,106 @@ def result_rows(paths):
     return rows
 
 
-# === Is a difference real? Paired over the same images, and over seeds
+# === --sanity on checkpoints: the checklist is sanity.py's, the checkpoints, images and JSON are kept here
 
 
-def compare_flags(reference, other, resamples=10_000, seed=0):
-    """Two methods' per-image correctness on the same images, (seeds, images) 0/1 arrays (each row one run): the
-    difference of their accuracies (other - reference), its 95 % interval by a paired bootstrap over the images
-    (of the per-image mean over seeds), a 95 % t-interval over seeds (paired by seed when both have as many, else
-    Welch's; None with one seed each), and the exact McNemar p-value: the two-sided binomial test of the images one
-    gets right and the other wrong (summed over the seeds paired in order)."""
-    import scipy.stats
+def sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache, checked):
+    """The checklist on every checkpoint of one run folder (or one checkpoint file): printed, stored as a
+    "sanity" entry per checkpoint in json_path, drawn beside it. `checked` remembers the entries by (weights,
+    images, settings): identical weights are checked once. Returns the new entries."""
+    import sanity as checklist  # loaded only when asked for: evaluate.py alone runs everything else
 
-    a, b = np.asarray(reference, dtype=float), np.asarray(other, dtype=float)
-    d = b.mean(0) - a.mean(0)
-    rng = np.random.default_rng(seed)
-    boots = np.concatenate([d[rng.integers(0, len(d), (min(1000, resamples - i), len(d)))].mean(1)
-                            for i in range(0, resamples, 1000)])  # in chunks of 1000 resamples
-    pairs = min(len(a), len(b))
-    only_a, only_b = int((a[:pairs] > b[:pairs]).sum()), int((b[:pairs] > a[:pairs]).sum())
-    p = scipy.stats.binomtest(only_b, only_a + only_b).pvalue if only_a + only_b else 1.0
-    t_low = t_high = None
-    per_seed_a, per_seed_b = a.mean(1), b.mean(1)
-    if len(a) > 1 and len(b) > 1:
-        with warnings.catch_warnings():  # scipy's notice when every seed differs by the same amount
-            warnings.simplefilter("ignore", RuntimeWarning)
-            t = (scipy.stats.ttest_rel(per_seed_b, per_seed_a) if len(a) == len(b) else
-                 scipy.stats.ttest_ind(per_seed_b, per_seed_a, equal_var=False)).confidence_interval(0.95)
-        t_low, t_high = float(t.low), float(t.high)
-    return {"reference_accuracy": float(a.mean()), "accuracy": float(b.mean()), "diff": float(d.mean()),
-            "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5)),
-            "t_low": t_low, "t_high": t_high, "p_value": float(p), "only_reference": only_a, "only_other": only_b,
-            "seeds": [len(a), len(b)], "n": len(d)}
-
-
-COMPARED = {"dataset": "data set", "indices": "images", "norm": "norm", "epsilon_255": "eps (1/255)", "epsilon": "eps",
-            "steps": "steps", "step_size_255": "step size", "draws": "EOT draws", "aa_version": "AutoAttack version",
-            "aa_attacks": "AutoAttack attacks", "amp": "precision (--amp)"}  # what makes two results comparable
-
-
-def compare(paths, out=None):
-    """--compare: each configuration of the given runs' results against the first one's, per checkpoint role and
-    attack; printed as a table and, with --out, written as JSON. Runs whose flags differ only in --seed are seeds of
-    one configuration, paired in the order given with another's; the flags that differ name the configurations of
-    one method ("PIAT + NMSE (lam=1)"). Results not measured alike (COMPARED) are refused."""
-    out = out and utils.check_output(out, "--out", lambda path: path.read_bytes().startswith(  # what it writes
-        b'{\n  "script": "evaluate.py --compare"'))
-    groups = {}  # configuration -> {run: {(role, attack): row}}
-    for row in result_rows(paths):
-        if "per_image" not in row:
-            raise utils.UserError(f"{row['run']} was evaluated before results kept per-image correctness; "
-                                  "evaluate it again")
-        role = row["role"] if row["role"] in ("best", "final") else "checkpoint"
-        config = json.dumps(row.get("flags") or {"method": row["method"]}, sort_keys=True, default=str)
-        groups.setdefault(config, {}).setdefault(row["run"], {})[(role, row["attack"])] = row
-    names = configuration_names({c: next(iter(next(iter(r.values())).values()))["method"] for c, r in groups.items()})
-    if len(groups) < 2:
-        raise utils.UserError(f"--compare needs results of at least two configurations; the {len(paths)} given are "
-                              f"seeds of one ({next(iter(names.values()))})")
-    (reference, reference_runs), *others = groups.items()
-    results, lines = [], ["| Method | vs | Checkpoint | Attack | Accuracy | Reference | Diff | 95 % CI (images) | "
-                          "95 % CI (seeds) | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for config, runs in others:
-        cells = sorted(set.intersection(*(set(r) for r in (*reference_runs.values(), *runs.values()))),
-                       key=lambda c: (c[0], list(ATTACK_TITLES).index(c[1])))
-        for role, attack in cells:
-            rows = [r[(role, attack)] for r in (*reference_runs.values(), *runs.values())]
-            for key, what in COMPARED.items():
-                setting = [r.get(key, "linf" if key == "norm" else None) for r in rows]
-                odd = next((i for i, v in enumerate(setting) if v != setting[0]), None)
-                if odd is not None:
-                    shown = "" if key == "indices" else f": {setting[odd]} vs {setting[0]}"
-                    raise utils.UserError(f"{rows[odd]['run']} and {rows[0]['run']} were not evaluated on the same "
-                                          f"{what} ({attack}, {role}{shown}); evaluate both with the same settings")
-            stats = compare_flags([r[(role, attack)]["per_image"] for r in reference_runs.values()],
-                                  [r[(role, attack)]["per_image"] for r in runs.values()])
-            results.append({"method": names[config], "reference": names[reference], "role": role, "attack": attack,
-                            **stats})
-            t = f"[{100 * stats['t_low']:+.1f}, {100 * stats['t_high']:+.1f}]" if stats["t_low"] is not None else "–"
-            lines.append(f"| {names[config]} | {names[reference]} | {role} | {ATTACK_TITLES[attack]} | "
-                         f"{100 * stats['accuracy']:.2f} | {100 * stats['reference_accuracy']:.2f} | "
-                         f"{100 * stats['diff']:+.2f} | [{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] "
-                         f"| {t} | {stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")
-    if not results:
-        raise utils.UserError("no attack was measured on the same checkpoints of every run")
-    table = "\n".join(lines) + (f"\n\nin %; seeds: {', '.join(f'{names[c]} {len(r)}' for c, r in groups.items())}; "
-                                "* p < 0.05 (exact McNemar on the images one gets right and the other wrong)\n")
-    print(table, end="")
-    if out:
-        utils.save_json({"script": "evaluate.py --compare", "reference": names[reference], "configurations": {
-            names[c]: list(r) for c, r in groups.items()}, "comparisons": results}, out)
-        print(f"wrote {out}")
-    return {"comparisons": results, "table": table}
+    epsilons = tuple(sorted({0.0, args.epsilon, *args.sanity_epsilons}))
+    settings = checklist.SanitySettings(
+        epsilon=args.epsilon, step_size=args.step_size, epsilons=epsilons,
+        long_steps=args.sanity_steps, restarts=args.sanity_restarts, square_queries=args.sanity_square_queries,
+        batch_size=args.batch_size, seed=args.seed, device=str(device), bf16=args.amp)
+    saved, entries = read_results(json_path), []
+    saved.setdefault("sanity", [])
+    for role, ckpt in checkpoints:
+        model, info = models[str(ckpt)]
+        x, y, images = load_test_images(info, ckpt, args, cache)
+        if args.n_examples is None and len(y) > checklist.SANITY_N:  # its default: the first (or fixed) SANITY_N
+            x, y, images = load_test_images(info, ckpt, argparse.Namespace(**{**vars(args), "n_examples":
+                                                                               checklist.SANITY_N}), cache)
+        print(f"{ckpt}: sanity checks of {info['arch']} ({info['method']}) on {len(y)} {images['dataset']} test "
+              f"images, eps {args.epsilon:g}/255, {device}{', bf16 autocast' if args.amp else ''}")
+        same = (info["fingerprint"], images["key"], settings)
+        entry = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
+                 "arch": info["arch"], "epoch": info["epoch"], "dataset": images["dataset"], "subset": images["subset"],
+                 "n": len(y), "seed": args.seed, "device": str(device), "amp": args.amp,
+                 "settings": dataclasses.asdict(settings)}
+        png = json_path.parent / f"{output_stem(run, ckpt, role, is_run_dir, args.out)}.sanity.png"
+        title = f"{info['method']} ({role}): sanity, {len(y)} {images['dataset']} images, eps {args.epsilon:g}/255"
+        net = checklist.Bf16Autocast(model.to(device)) if args.amp else model.to(device)  # sanity.py's: it unwraps it
+        entry.update(checklist.check_checkpoint(net, x, y, settings, role, png, title, checked.get(same)))
+        checked.setdefault(same, entry)
+        model.cpu()
+        saved["sanity"] = [e for e in saved["sanity"] if (e["run"], e["role"]) != (run, role)] + [entry]
+        save_results(saved, json_path)
+        entries.append(entry)
+    return entries
 
 
-def configuration_names(methods):
-    """{configuration (JSON of its flags): its name}: the method's, and the flags in which it differs from other
-    configurations of that method, e.g. "PIAT + NMSE (lam=1)"."""
-    names = {}
-    for config, method in methods.items():
-        alike, flags = [json.loads(c) for c, m in methods.items() if m == method], json.loads(config)
-        differ = [f"{k}={flags.get(k):g}" if isinstance(flags.get(k), float) else f"{k}={flags.get(k)}"
-                  for k in sorted(set().union(*alike)) if len({json.dumps(a.get(k)) for a in alike}) > 1]
-        names[config] = method + (f" ({', '.join(differ)})" if differ else "")
-    return names
+# === Results to take elsewhere: --curve, --export, --card (report.py writes the files)
 
 
-# === The loss landscape (Fig. 8; Li et al., "Visualizing the loss landscape of neural nets", 2018)
+def release(run, checkpoints, json_path, models, args, device, cache):
+    """--curve, --export and --card for one run folder (or checkpoint file): the curve's numbers and the card's
+    kept in json_path, the files beside it (RUN/MODEL_CARD.md; CKPT.MODEL_CARD.md beside CKPT.eval.json)."""
+    import report  # loaded only when asked for, as sanity.py
+
+    saved, roles, found = read_results(json_path), dict(checkpoints), {}  # found: each set of weights' curves, once
+    stem = "" if json_path.name == "eval.json" else json_path.name.removesuffix(".json").removesuffix(".eval") + "."
+    beside = json_path.parent.joinpath
+    reported = args.reported if args.reported in roles else next(iter(roles))  # a checkpoint file: itself
+    model, info = models[str(roles[reported])]
+    if args.curve:
+        saved["curves"] = [c for c in saved.get("curves", []) if c["run"] != run] + [
+            {**c, "role": role} for role, ckpt in checkpoints for c in robustness_curve(run, ckpt, models, args,
+                                                                                           device, cache, found)]
+        save_results(saved, json_path)
+        curves, rows = [c for c in saved["curves"] if c["run"] == run], [r for r in saved["results"] if r["run"] == run]
+        report.plot_robustness_curve(curves, beside(stem + "robustness_curve.png"), info["method"])
+        if rows:  # the per-class accuracies every result row holds: nothing measured again
+            report.plot_class_accuracy(rows, beside(stem + "class_accuracy.png"), info["method"])
+    export = None
+    if args.export:
+        x, _, _ = load_test_images(info, roles[reported], args, cache)
+        meta = {k: info[k] for k in ("method", "arch", "dataset", "epoch", "num_classes")}
+        export = report.export_model(model, tuple(x.shape[1:]), Path(args.export), {**meta, "checkpoint": reported})
+    if args.card:  # from the rows already measured; what the card shows is kept in json_path too
+        card = report.write_card([r for r in saved["results"] if r["run"] == run], saved.get("sanity", []), reported,
+                                 roles[reported], info["kind"], export, device, beside(stem + "MODEL_CARD.md"),
+                                 beside(stem + "robustbench.json"))
+        saved["cards"] = [c for c in saved.get("cards", []) if c["run"] != run] + [card]
+        save_results(saved, json_path)
 
 
-def filter_normalized_direction(model, generator):
-    """A random Gaussian direction in weight space, each filter (a slice along the first dimension: a conv's output
-    channel, a linear layer's row) rescaled to the norm of the same filter of the weights. One-dimensional
-    parameters (biases, BatchNorm's scale and shift) get a zero direction (Li et al.'s ignore='biasbn')."""
-    direction = {}
-    for name, w in model.named_parameters():
-        if w.dim() <= 1:
-            direction[name] = torch.zeros_like(w)
-            continue
-        d = torch.randn(w.shape, generator=generator).to(w.device, w.dtype)
-        scale = w.detach().flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-10)
-        direction[name] = d * scale.view(-1, *[1] * (w.dim() - 1))
-    return direction
-
-
-def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_size, desc="landscape"):
-    """(loss, accuracy) grids: loss[i, j] the mean CE on the fixed batch (x, y) of the model with the weights
-    theta + coords[i]*d1 + coords[j]*d2, under PGD made against those weights from the same random start. The
-    weights are passed in (torch.func.functional_call): the model's own are never touched."""
-    model.eval()
-    theta = {name: p.detach() for name, p in model.named_parameters()}
-    generator = torch.Generator().manual_seed(seed)
-    d1, d2 = filter_normalized_direction(model, generator), filter_normalized_direction(model, generator)
-    loss, accuracy = np.zeros((len(coords), len(coords))), np.zeros((len(coords), len(coords)))
-    for i, j in utils.progress([(i, j) for i in range(len(coords)) for j in range(len(coords))], desc=desc):
-        weights = {k: theta[k] + float(coords[i]) * d1[k] + float(coords[j]) * d2[k] for k in theta}
-        perturbed = functools.partial(torch.func.functional_call, model, weights)  # perturbed(x): the logits
-        utils.seed_everything(seed)  # the same random start at every grid point: a smoother surface
-        total, correct = 0.0, 0
-        for k in range(0, len(x), batch_size):
-            xb, yb = x[k : k + batch_size], y[k : k + batch_size]
-            x_adv = pgd_attack(perturbed, xb, yb, epsilon, step_size, steps)
-            with torch.no_grad():
-                logits = perturbed(x_adv)
-            total += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += int((logits.argmax(1) == yb).sum())
-        loss[i, j], accuracy[i, j] = total / len(x), correct / len(x)
-    return loss, accuracy
-
-
-def landscape_for(model, x, y, args, device, common, stem):
-    """Compute and describe one checkpoint's loss landscape; saved as stem.npz and drawn as a surface in stem.png."""
-    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
-
-    start, n = time.time(), min(args.landscape_batch, len(x))
-    xb, yb = utils.to_float(x[:n].to(device)), y[:n].to(device)
-    coords = np.linspace(-args.landscape_range, args.landscape_range, args.landscape_steps)
-    loss, accuracy = loss_landscape(model, xb, yb, args.epsilon / 255, args.step_size / 255, args.landscape_pgd_steps,
-                                    coords, args.seed, args.batch_size, desc=f"{common['role']} landscape")
-    npz, png = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".png")
-    utils.atomic_write(npz, lambda f: np.savez(f, a=coords, b=coords, loss=loss, accuracy=accuracy,
-                                               epsilon=args.epsilon / 255, pgd_steps=args.landscape_pgd_steps, n=n))
-    fig = Figure(figsize=(6.5, 5))
-    ax = fig.add_subplot(projection="3d")
-    ax.plot_surface(*np.meshgrid(coords, coords, indexing="ij"), loss, cmap="viridis", linewidth=0, antialiased=True)
-    ax.set(xlabel="a (direction d1)", ylabel="b (direction d2)", zlabel="adversarial CE",
-           title=f"{common['method']} ({common['role']}): PGD-{args.landscape_pgd_steps} CE, {n} images")
-    fig.tight_layout()
-    utils.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110))
-    center = len(coords) // 2
-    entry = {**common, "npz": str(npz), "png": str(png), "steps": args.landscape_steps, "range": args.landscape_range,
-             "batch": n, "pgd_steps": args.landscape_pgd_steps, "epsilon": args.epsilon / 255,
-             "loss_min": float(loss.min()), "loss_max": float(loss.max()),
-             "loss_center": float(loss[center, center]) if len(coords) % 2 else None, "seconds": time.time() - start}
-    print(f"  landscape {args.landscape_steps}x{args.landscape_steps} in [-{args.landscape_range:g}, "
-          f"{args.landscape_range:g}]^2: loss {entry['loss_min']:.3f}..{entry['loss_max']:.3f}, wrote {npz} and {png} "
-          f"({entry['seconds']:.1f} s)")
-    return entry
-
-
-# === The sanity checklist from Python (a notebook); --sanity runs it on checkpoints (sanity.py)
-
-
-def sanity(model, x, y, **settings):
-    """The --sanity checklist on `model` (any nn.Module taking [0, 1] images) and the test images x (float in
-    [0, 1], on the CPU) with labels y; settings: sanity.SanitySettings' fields (device="cuda", epsilon=8.0, ...).
-    A list of checks, each a dict with "name", "status" (PASS, WARN, FAIL), "numbers", "detail" and "meaning"."""
-    import sanity as checklist
-
-    return checklist.run_sanity_checks(model, x, y, checklist.SanitySettings(**settings))
+def robustness_curve(run, ckpt, models, args, device, cache, found):
+    """Accuracy of one checkpoint at each of --curve-epsilons under each of --curve-attacks (PGD-20 with step eps/4,
+    the default's 2/255 at 8/255; AutoAttack as --aa-version), re-seeded at every eps, on the images of --n-examples."""
+    model, info = models[str(ckpt)]
+    x, y, images = load_test_images(info, ckpt, args, cache)
+    key, curves = (info["fingerprint"], images["key"]), []
+    if key in found:
+        return found[key]
+    net = Bf16Autocast(model.to(device)) if args.amp else model.to(device)
+    for attack in args.curve_attacks:
+        correct = []
+        for e in args.curve_epsilons:
+            utils.seed_everything(args.seed)
+            flags = (autoattack_flags(net, utils.to_float(x), y, e / 255, args.aa_version, args.aa_attacks, args.seed,
+                                      args.batch_size, device)[0] if attack == "aa" and e else
+                     attack_flags(net, x, y, "ce" if e else None, e / 255, e / 4 / 255, 20, args.batch_size, device))
+            correct.append(int(flags.sum()))
+            print(f"  curve {Path(ckpt).stem:6s} {attack:5s} eps {e:g}: {100 * correct[-1] / len(y):.2f}%", flush=True)
+        curves.append({"run": run, "method": info["method"], "attack": attack, "norm": "linf",
+                       "epsilons": list(args.curve_epsilons), "correct": correct, "n": len(y),
+                       "accuracy": [c / len(y) for c in correct], "seed": args.seed, "indices": images["indices"]})
+    model.cpu()
+    found[key] = curves
+    return curves
 
 
 def main(argv=None):
@@ -946,20 +881,21 @@ def main(argv=None):
     if args.table:
         return print_table(args)
     if args.compare:
-        return compare(args.paths, args.out)
+        import report  # --compare's statistics
+
+        return report.compare(result_rows(args.paths), ATTACK_TITLES, args.out)
     device = utils.pick_device(args.device)
     # every checkpoint is read first: bad input stops here, before any data is loaded or number computed
     jobs = resolve_inputs(args.paths, args.out, args.model)
     models = {str(ckpt): load_model(ckpt, args) for _, checkpoints, _, _ in jobs for _, ckpt in checkpoints}
     warn_unfinished(jobs, models)
-    if args.sanity:
-        import sanity as checklist  # loaded only when asked for: evaluate.py alone runs everything else
     cache, measured, checked, new_rows, written, entries = {}, {}, {}, [], [], []
     for run, checkpoints, json_path, is_run_dir in jobs:
         new_rows += evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache, measured)
         if args.sanity:
-            entries += checklist.sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache,
-                                            checked)
+            entries += sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache, checked)
+        if args.card or args.curve or args.export:
+            release(run, checkpoints, json_path, models, args, device, cache)
         if json_path not in written:
             written.append(json_path)
         print(f"wrote {json_path}")

@@ -13,27 +13,24 @@ it means and what to do:
   per example      robust implies correct clean; every x' within eps and in [0, 1], no NaN; the worst case per
                    example against the table's lowest number (and EOT-PGD-20 when the model is randomised)
 A gap is flagged only when it exceeds its tolerance by two standard errors of its paired, per-example difference.
-From Python: evaluate.sanity(model, x, y, device="cuda"). Cost, in passes of PGD-20 over the same images: about 2 + 5
+From Python: run_sanity_checks(model, x, y, SanitySettings(device="cuda")). Cost, in passes of PGD-20 over the same images: about 2 + 5
 x clean accuracy (the sweep) + 15 x the share robust to PGD-20 (3 restarts of PGD-100) + 17 x the share robust to
 every white-box attack (Square's 1000 queries) + the gradient probe (a float64 copy, 9-11 passes on at most 100
 images, more for a model that rounds; 0.2-0.3x at 200 images was measured when it took 5-7, one step h) + for a
 randomised model eot_draws x clean accuracy (EOT-PGD-20); measured on CIFAR-10 (2 CPU cores): 5.8x for an undefended
 ResNet-18, 8-12x for a PGD-AT small-cnn at 22 % PGD-20, about 20x for a ResNet-18 at 50 % (AutoAttack: ~50x)."""
 
-import argparse
 import copy
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from evaluate import (Bf16Autocast, ExpectedLogits, cw_margin, load_test_images, output_stem, pgd_attack, read_results,
-                      save_results)
 
 SANITY_EPSILONS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the epsilon sweep, 1/255 units (evaluate.py's default)
 SANITY_N = 500  # test images of the checklist when --n-examples is not given
@@ -120,6 +117,81 @@ def predict(model, x, batch_size, device):
     """Logits of model on x (float, on the CPU), batch by batch; on the CPU."""
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+# === The attacks, written inline as in evaluate.py and the training scripts (sanity.py needs utils.py only)
+
+
+def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
+               delta_mask=None):
+    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x' - x||_inf <= epsilon, in [0, 1].
+    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
+    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
+    U(-eps, eps) (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
+    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
+    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
+    chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x = x.detach()
+    if torch.is_tensor(epsilon):  # one radius per example, broadcast over the image
+        epsilon = epsilon.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+    if loss == "kl":
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+    if random_start == "uniform":
+        delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * epsilon
+    elif random_start == "normal":
+        delta = (0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp_(-epsilon, epsilon)
+    else:
+        delta = torch.zeros_like(x)
+    delta = (x + delta).clamp_(0, 1) - x
+    for _ in range(steps):
+        mask = delta_mask() if delta_mask is not None else None
+        delta = (delta * mask if mask is not None else delta).requires_grad_(True)
+        logits = model(x + delta)
+        if loss == "ce":
+            objective = F.cross_entropy(logits, y, reduction="sum")
+        elif loss == "cw":
+            objective = cw_margin(logits, y).sum()
+        else:
+            objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+        grad = torch.autograd.grad(objective, delta, allow_unused=True)[0] if objective.requires_grad else None
+        delta = (delta.detach() + step_size * (grad.sign() if grad is not None else 0)).clamp_(-epsilon, epsilon)
+        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+    return (x + delta).detach()
+
+
+def cw_margin(logits, y):
+    """max_{j != y} f_j - f_y per example: positive exactly when x is misclassified."""
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+
+
+class ExpectedLogits(nn.Module):
+    """EOT (Athalye et al. 2018) for a model whose forward pass is random: while the attack takes gradients, the
+    logits averaged over `draws` passes, so PGD follows the expected gradient; without autograd (the prediction
+    that is counted) one pass, the model as deployed."""
+
+    def __init__(self, model, draws):
+        super().__init__()
+        self.model, self.draws = model, draws
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return self.model(x)
+        return torch.stack([self.model(x) for _ in range(self.draws)]).mean(0)
+
+
+class Bf16Autocast(nn.Module):
+    """`model` under bf16 autocast with fp32 logits out (--amp): every attack, AutoAttack's too, runs in bf16
+    without knowing it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
 
 
 # === 1-2: the model and its gradients
@@ -660,56 +732,22 @@ def plot_sanity(results, path, title):
     plt.close(fig)
 
 
-def sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, cache, checked):
-    """The checklist on every checkpoint of one run folder (or one checkpoint file): printed, stored as a
-    "sanity" entry per checkpoint in json_path, drawn beside it. `checked` remembers the entries by (weights,
-    images, settings): identical weights are checked once. Returns the new entries."""
-    settings = SanitySettings(epsilon=args.epsilon, step_size=args.step_size,
-                              epsilons=tuple(sorted({0.0, args.epsilon, *args.sanity_epsilons})),
-                              long_steps=args.sanity_steps, restarts=args.sanity_restarts,
-                              square_queries=args.sanity_square_queries, batch_size=args.batch_size, seed=args.seed,
-                              device=str(device), bf16=args.amp)
-    saved, entries = read_results(json_path), []
-    saved.setdefault("sanity", [])
-    for role, ckpt in checkpoints:
-        model, info = models[str(ckpt)]
-        x, y, images = load_test_images(info, ckpt, args, cache)
-        if args.n_examples is None and len(y) > SANITY_N:  # the checklist's default: the first (or fixed) SANITY_N
-            x, y, images = load_test_images(info, ckpt, argparse.Namespace(**{**vars(args), "n_examples": SANITY_N}),
-                                            cache)
-        print(f"{ckpt}: sanity checks of {info['arch']} ({info['method']}) on {len(y)} {images['dataset']} test "
-              f"images, eps {args.epsilon:g}/255, {device}{', bf16 autocast' if args.amp else ''}")
-        same = (info["fingerprint"], images["key"], settings)
-        entry = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
-                 "arch": info["arch"], "epoch": info["epoch"], "dataset": images["dataset"], "subset": images["subset"],
-                 "n": len(y), "seed": args.seed, "device": str(device), "amp": args.amp,
-                 "settings": dataclasses.asdict(settings)}
-        if same in checked:
-            earlier = checked[same]
-            entry.update(checks=earlier["checks"], seconds=0.0, pgd20_seconds=earlier["pgd20_seconds"],
-                         same_weights_as=earlier["checkpoint"])
-        else:
-            start = time.time()
-            model.to(device)
-            entry["checks"] = run_sanity_checks(Bf16Autocast(model) if args.amp else model, utils.to_float(x), y,
-                                                settings)
-            model.cpu()
-            entry["seconds"] = time.time() - start
-            entry["pgd20_seconds"] = next(c for c in entry["checks"] if c["name"] == "valid-examples")[
-                "numbers"]["attacks"]["pgd20"]["seconds"]
-            checked[same] = entry
-        entry["counts"] = print_sanity(entry["checks"], role)
-        entry["cost_vs_pgd20"] = entry["seconds"] / max(entry["pgd20_seconds"], 1e-9) if entry["seconds"] else None
-        name = output_stem(run, ckpt, role, is_run_dir, args.out)
-        entry["png"] = str(json_path.parent / f"{name}.sanity.png")
-        plot_sanity(entry["checks"], Path(entry["png"]), f"{info['method']} ({role}): sanity checks, {len(y)} "
-                                                         f"{images['dataset']} images, eps {args.epsilon:g}/255")
-        took = (f"{entry['seconds']:.0f} s, {entry['cost_vs_pgd20']:.1f}x its PGD-20 pass" if entry["seconds"]
-                else f"same weights as {entry['same_weights_as']}")
-        print(f"  {role:10s} wrote {entry['png']} ({took})")
-        saved["sanity"] = [e for e in saved["sanity"] if (e["run"], e["role"]) != (run, role)] + [entry]
-        save_results(saved, json_path)
-        entries.append(entry)
-    return entries
 
-
+def check_checkpoint(model, x, y, settings, role, png, title, earlier=None):
+    """evaluate.py --sanity on one checkpoint (x uint8, y on the CPU): the checks (an earlier entry's for the same
+    weights and images), printed, drawn to png; returns the entry's fields."""
+    if earlier is not None:
+        found = {"checks": earlier["checks"], "seconds": 0.0, "pgd20_seconds": earlier["pgd20_seconds"],
+                 "same_weights_as": earlier["checkpoint"]}
+    else:
+        start = time.time()
+        checks = run_sanity_checks(model, utils.to_float(x), y, settings)
+        pgd20 = next(c for c in checks if c["name"] == "valid-examples")["numbers"]["attacks"]["pgd20"]["seconds"]
+        found = {"checks": checks, "seconds": time.time() - start, "pgd20_seconds": pgd20}
+    found["counts"] = print_sanity(found["checks"], role)
+    found["cost_vs_pgd20"] = found["seconds"] / max(found["pgd20_seconds"], 1e-9) if found["seconds"] else None
+    plot_sanity(found["checks"], png, title)
+    took = (f"{found['seconds']:.0f} s, {found['cost_vs_pgd20']:.1f}x its PGD-20 pass" if found["seconds"]
+            else f"same weights as {found['same_weights_as']}")
+    print(f"  {role:10s} wrote {png} ({took})")
+    return {**found, "png": str(png)}

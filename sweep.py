@@ -37,8 +37,9 @@ import scipy.stats
 from matplotlib.figure import Figure
 
 import utils
-from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list, compare_flags
+from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list
 from evaluate import parse_args as evaluate_args
+from report import compare_flags
 from utils import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -670,7 +671,7 @@ def seed_interval(results, reference, run_dirs, role, attack):
 
 
 def versus(results, reference, run_dirs, role, attack):
-    """`run_dirs` against the `reference` run folders (seeds paired in order) by evaluate.compare_flags on eval.json's
+    """`run_dirs` against the `reference` run folders (seeds paired in order) by report.compare_flags on eval.json's
     per-image results: "+1.20 [-0.4, +2.8] p=0.13", " *" added when p < 0.05; "–" without them."""
     pairs = [[results[d]["eval"].get((role, attack), {}) for d in pair] for pair in zip(reference, run_dirs)]
     if not pairs or len({(r.get("dataset"), str(r.get("indices"))) for pair in pairs for r in pair}) > 1 or any(

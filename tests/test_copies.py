@@ -14,8 +14,10 @@ FILES = sorted(p for p in [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")])
 ENTRY_POINTS = {"main", "parse_args", "train", "SCRIPT", "METRIC_FIELDS", "LOSSES", "ROOT"}
 # the building blocks the scripts write inline, each with the files that must hold an identical copy
 BUILDING_BLOCKS = {
-    "pgd_attack": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py"],
-    "cw_margin": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py"],
+    "pgd_attack": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py", "sanity.py", "report.py"],
+    "cw_margin": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py", "sanity.py", "report.py"],
+    "ExpectedLogits": ["evaluate.py", "sanity.py"],
+    "Bf16Autocast": ["evaluate.py", "sanity.py"],
     "attack_flags": ["train_piat.py", "train_vit.py", "train_rdat.py", "evaluate.py"],
     "nmse_loss": ["train_piat.py", "train_vit.py", "toy_example.py"],
     "trades_kl": ["train_piat.py", "train_vit.py", "train_rdat.py"],
@@ -70,13 +72,24 @@ def test_a_name_defined_in_two_files_means_the_same_in_both():
 
 def test_the_scripts_import_no_other_script():
     """Each script runs copied alone with utils.py: none imports another (sweep.py and the benchmark, which drive
-    the others, and the sanity checklist, which extends evaluate.py and is imported by it for --sanity, excepted)."""
+    the others, excepted; evaluate.py loads its two modules, sanity.py and report.py, for the options that need them,
+    and those import utils.py only)."""
     scripts = {p.stem for p in FILES if p.parent == ROOT and p.stem != "utils"}
     for path in FILES:
-        if path.stem in ("sweep", "sanity", "bench_train"):
+        if path.stem in ("sweep", "bench_train"):
             continue
         imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, (ast.Import, ast.ImportFrom))
                     for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-        allowed = {"sanity"} if path.stem == "evaluate" else set()  # --sanity's checklist, a module of evaluate.py
+        allowed = {"sanity", "report"} if path.stem == "evaluate" else set()  # evaluate.py's own modules
         assert not imported & (scripts - {path.stem} - allowed), (path.name, imported & scripts)
+
+
+def test_no_import_circle():
+    """sanity.py and report.py load no evaluate.py: evaluate.py uses them, never the other way round."""
+    import subprocess
+    import sys
+
+    code = "import sys, sanity, report; assert 'evaluate' not in sys.modules, sorted(sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

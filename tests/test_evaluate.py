@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate as ev
+import report
 import train_piat
 import utils
 from sweep import read_metrics
@@ -316,7 +317,7 @@ def test_table_gathers_runs_like_table_i(tmp_path, capsys):
 def test_filter_normalized_directions():
     model = utils.build_model("small-cnn", 10, width=8)
     generator = torch.Generator().manual_seed(0)
-    d1, d2 = ev.filter_normalized_direction(model, generator), ev.filter_normalized_direction(model, generator)
+    d1, d2 = report.filter_normalized_direction(model, generator), report.filter_normalized_direction(model, generator)
     for name, w in model.named_parameters():
         if w.dim() == 1:
             assert not d1[name].any(), name  # biases and BatchNorm parameters stay put
@@ -348,7 +349,7 @@ def test_landscape_on_a_tiny_model(undefended, tmp_path):
     assert entry["npz"] == str(tmp_path / "final.landscape.npz") and entry["loss_center"] == pytest.approx(loss[1, 1])
     # the weights are put back afterwards
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ev.loss_landscape(model, x[:8], y[:8], 8 / 255, 2 / 255, 1, np.array([-1.0, 1.0]), 0, 8)
+    report.loss_landscape(model, x[:8], y[:8], 8 / 255, 2 / 255, 1, np.array([-1.0, 1.0]), 0, 8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -6,7 +6,6 @@ caught, each by the check meant for it; the statistics behind WARN and FAIL; the
 images, a narrow small-cnn, small n and attack budgets (about two minutes)."""
 
 import copy
-import dataclasses
 import json
 import re
 from importlib.util import find_spec
@@ -102,11 +101,11 @@ def resnet():
 
 @pytest.fixture(scope="module")
 def honest_results(honest, images):
-    """The checklist on the honest model through the notebook's entry point (and a check that it leaves the model as
+    """The checklist on the honest model through its one entry point, sanity.run_sanity_checks (and a check that it leaves the model as
     it was)."""
     model, _ = honest
     weights = utils.state_fingerprint(model)
-    results = ev.sanity(model, *images, **dataclasses.asdict(SMALL))
+    results = sanity.run_sanity_checks(model, *images, SMALL)
     assert utils.state_fingerprint(model) == weights
     return by_name(results)
 
@@ -302,7 +301,7 @@ def test_honest_models_pass_the_gradient_probe(honest, images, resnet):
     kernel = torch.ones(3, 1, 1, 1)  # a float32 identity convolution: the float64 copy raises
     float32 = Wrapped(model, before=lambda x: F.conv2d(x, kernel, groups=3))
     border = Wrapped(model, before=lambda x: F.pad(x[..., 2:-2, 2:-2], (2, 2, 2, 2)))
-    candidates = ((model, "float64", 0.0), (float32, "float32", 0.0), (ev.Bf16Autocast(model), "float64", 0.0),
+    candidates = ((model, "float64", 0.0), (float32, "float32", 0.0), (sanity.Bf16Autocast(model), "float64", 0.0),
                   (border, "float64", 1 - 28**2 / 32**2))
     for candidate, precision, zero in candidates:
         results = gradient_checks(candidate, x, y)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
+import report
 import sweep
 import utils
 from sweep import read_metrics
@@ -292,7 +292,7 @@ def test_local_sweep_runs_jobs_in_parallel_and_survives_a_kill_and_a_preemption(
 
 
 def test_report_marks_each_difference_to_pgd_at(tmp_path):
-    """Table I and the averaging table: under each method its difference to PGD-AT (evaluate.compare_flags on the
+    """Table I and the averaging table: under each method its difference to PGD-AT (report.compare_flags on the
     per-image results, seeds paired in order), * where p < 0.05, – for a run evaluated without per-image results."""
     argv = ["table1,averaging", "--profile", "quick", "--seeds", "3", "--sweep-dir", str(tmp_path)]
     plan = sweep.plan_from_args(*sweep.parse_args(argv))
@@ -319,7 +319,7 @@ def test_report_marks_each_difference_to_pgd_at(tmp_path):
             if role == "diff" or method == "MAIL":
                 assert cell == ("" if role == "diff" else "–"), (method, role, attack)
                 continue
-            s = evaluate.compare_flags(*([flags[d, role, attack] for d in table[m]] for m in ("PGD-AT", method)))
+            s = report.compare_flags(*([flags[d, role, attack] for d in table[m]] for m in ("PGD-AT", method)))
             assert cell == (f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] "
                             f"p={s['p_value']:.2g}" + " *" * (s["p_value"] < 0.05)), (method, role, attack)
             significant = method in ("PIAT + NMSE", "PIAT")  # 75 % against 50 % on 3 x 200 images; else the same
@@ -332,17 +332,17 @@ def test_report_marks_each_difference_to_pgd_at(tmp_path):
     assert (tmp_path / "report" / "synthetic" / "averaging.png").exists()
     # its own files are written again; a report edited since, or a file of the user's, never: nothing is written
     assert sweep.main([*argv, "--report"]) == 0
-    report = tmp_path / "report" / "table1.md"
-    report.write_text(report.read_text() + "my comment on the table\n")
+    edited = tmp_path / "report" / "table1.md"
+    edited.write_text(edited.read_text() + "my comment on the table\n")
     before = {path: path.read_bytes() for path in (tmp_path / "report").rglob("*") if path.is_file()}
-    with pytest.raises(utils.UserError, match=f"{report} holds a file this command did not write \\(or one edited"):
+    with pytest.raises(utils.UserError, match=f"{edited} holds a file this command did not write \\(or one edited"):
         sweep.main([*argv, "--report"])
     assert {path: path.read_bytes() for path in (tmp_path / "report").rglob("*") if path.is_file()} == before
-    report.unlink()
+    edited.unlink()
     (tmp_path / "report" / "synthetic" / "averaging.png").write_bytes(b"my own figure")
     with pytest.raises(utils.UserError, match="averaging.png holds a file this command did not write"):
         sweep.main([*argv, "--report"])
-    assert not report.exists()
+    assert not edited.exists()
     # a sweep folder without results (a typo): one line, no report folder made
     with pytest.raises(utils.UserError, match="no run of table1, averaging has results yet: nothing to report"):
         sweep.main([*argv[:-1], str(tmp_path / "typo"), "--report"])
