@@ -204,7 +204,7 @@ def compare(rows, titles, out=None):
     names = configuration_names({c: next(iter(next(iter(r.values())).values()))["method"] for c, r in groups.items()})
     if len(groups) < 2:
         raise utils.UserError(f"--compare needs results of at least two configurations; the {len({r['run'] for r in rows})} "
-                              f"runs given are seeds of one ({next(iter(names.values()))})")
+                              f"given are seeds of one ({next(iter(names.values()))})")
     (reference, reference_runs), *others = groups.items()
     results, lines = [], ["| Method | vs | Checkpoint | Attack | Accuracy | Reference | Diff | 95 % CI (images) | "
                           "95 % CI (seeds) | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|"]
