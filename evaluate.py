@@ -242,27 +242,41 @@ def epsilon_list(text):
 
 
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
-               delta_mask=None):
-    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x' - x||_inf <= epsilon, in [0, 1].
+               delta_mask=None, norm="linf"):
+    """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
+    ||x' - x|| <= epsilon for every example, in [0, 1]. An L-inf step follows the gradient's sign, an L2 step the
+    gradient divided by its L2 norm; each is projected onto the ball, then into [0, 1] (which only shortens delta).
     epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
     "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    U(-eps, eps) (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
+    in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
     `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
     multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
     chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x = x.detach()
-    if torch.is_tensor(epsilon):  # one radius per example, broadcast over the image
-        epsilon = epsilon.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # a number per example, broadcast over its image
+    if torch.is_tensor(epsilon):
+        epsilon = epsilon.to(x.device, x.dtype).view(per_example)
+
+    def l2(v):  # never 0: a zero vector divided by it stays zero
+        return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
+
+    def project(delta):  # onto the ball, then into [0, 1]
+        delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
+        return (x + delta).clamp_(0, 1) - x
+
     if loss == "kl":
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
-    if random_start == "uniform":
+    if random_start == "uniform" and norm == "linf":  # U(-eps, eps) in every coordinate
         delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * epsilon
+    elif random_start == "uniform":  # uniform in the L2 ball: a Gaussian's direction, radius eps * U^(1/dimensions)
+        delta = torch.randn(x.shape, generator=generator, device=x.device)
+        radius = torch.rand(len(x), generator=generator, device=x.device).pow(1 / x[0].numel()).view(per_example)
+        delta = delta / l2(delta) * radius * epsilon
     elif random_start == "normal":
-        delta = (0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp_(-epsilon, epsilon)
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device)
     else:
         delta = torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    delta = project(delta)
     for _ in range(steps):
         mask = delta_mask() if delta_mask is not None else None
         delta = (delta * mask if mask is not None else delta).requires_grad_(True)
@@ -274,8 +288,8 @@ def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="
         else:
             objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
         grad = torch.autograd.grad(objective, delta, allow_unused=True)[0] if objective.requires_grad else None
-        delta = (delta.detach() + step_size * (grad.sign() if grad is not None else 0)).clamp_(-epsilon, epsilon)
-        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+        grad = torch.zeros_like(x) if grad is None else grad
+        delta = project(delta.detach() + step_size * (grad.sign() if norm == "linf" else grad / l2(grad)))
     return (x + delta).detach()
 
 
@@ -285,15 +299,16 @@ def cw_margin(logits, y):
     return others.amax(dim=1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_size, device, generator=None, desc=""):
-    """Per image of x_all (uint8): whether `model` classifies it correctly, clean (loss None) or under PGD on `loss`
-    ("ce", "cw") with a uniform random start from `generator`. A bool tensor on `device`."""
+def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_size, device, generator=None, desc="",
+                 norm="linf"):
+    """Per image of x_all (uint8): whether `model` classifies it correctly, clean (loss None) or under PGD in the
+    `norm` ball on `loss` ("ce", "cw") with a uniform random start from `generator`. A bool tensor on `device`."""
     model.eval()
     flags = []
     for i in utils.progress(range(0, len(x_all), batch_size), desc=desc, disable=None if desc else True):
         x, y = utils.to_float(x_all[i : i + batch_size].to(device)), y_all[i : i + batch_size].to(device)
         if loss is not None:
-            x = pgd_attack(model, x, y, epsilon, step_size, steps, loss=loss, generator=generator)
+            x = pgd_attack(model, x, y, epsilon, step_size, steps, loss=loss, generator=generator, norm=norm)
         with torch.no_grad():
             flags.append(model(x).argmax(1) == y)
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)
