@@ -10,13 +10,13 @@ checkpoint and their difference (Table I); the loss landscape (Fig. 8); a checkl
     python evaluate.py --model my_defence.py:build --sanity        # any nn.Module of yours: build() returns it
     python evaluate.py --compare runs/pgdat runs/piat              # differences with 95 % intervals and p-values
 
-pgd20 and cw20: 20 L-inf steps of --step-size on the cross-entropy or the CW margin max_{j!=y} f_j - f_y from a
-uniform start in the --epsilon ball (the training scripts' pgd_attack), BatchNorm in eval mode, images in [0, 1];
+pgd20 and cw20: 20 steps of --step-size on the cross-entropy or the CW margin max_{j!=y} f_j - f_y from a uniform
+start in the --epsilon ball of --norm (the training scripts' pgd_attack), BatchNorm in eval mode, images in [0, 1];
 aa: AutoAttack through pyautoattack; eot20: PGD-20 on the logits averaged over --eot-draws draws, added for a model
 whose forward pass is random (EOT, Athalye et al. 2018). --seed is set afresh before each number. Images: the whole
-test set, or the
-first --n-examples (--subset first: cifar10/cifar100/svhn, as RobustBench) or sorted(utils.fixed_subset(n_test, N))
-(--subset fixed: image folders and synthetic sets, ordered by class; what --eval-size N evaluates every epoch).
+test set, or the first --n-examples (--subset first: cifar10/cifar100/svhn, as RobustBench) or
+sorted(utils.fixed_subset(n_test, N)) (--subset fixed: image folders and synthetic sets, ordered by class; what
+--eval-size N evaluates every epoch). --norm l2: the L2 ball; results of each norm and eps are kept and tabled apart.
 """
 
 import argparse
@@ -46,7 +46,7 @@ AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 NORMALIZATIONS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), **utils.CHANNEL_STATS}
 STATE_DICT_WRAPPERS = ("state_dict", "model", "net", "model_state_dict")  # {"state_dict": {...}} and the like
-# The row label of each --loss, and the paper's numbers (their one copy: sweep.py --report and paper.ipynb read them)
+# The row label of each --loss, and the paper's Table I (their one copy: --paper and sweep.py --report read them)
 LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", "mart": "MART", "mail": "MAIL",
               "cfa": "CFA", "rat": "RAT"}
 # The PIAT paper's Table I (ResNet-18): dataset -> method -> (best, final, diff) for Clean, PGD20, CW, AA, in %
@@ -80,41 +80,6 @@ PAPER_TABLE_I = {
         "PIAT + NMSE": [(91.70, 93.07, 1.37), (61.21, 59.84, 1.37), (55.88, 54.45, 1.43), (51.29, 49.82, 1.47)]},
 }
 
-# table -> dataset -> method -> (Clean, PGD20, AA) of the best checkpoint: Tables II and III (WRN-32-10), V
-PAPER_CPA = {
-    "II": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "ALP": (84.18, 53.55, 49.68), "TRADES": (82.13, 55.14, 50.38),
-                       "MART": (81.57, 56.44, 49.58), "MAIL": (84.96, 52.58, 47.26), "CFA": (86.44, 57.84, 52.96),
-                       "RAT": (83.46, 57.07, 51.56), "PIAT + NMSE": (85.04, 58.04, 53.83)},
-           "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "ALP": (58.11, 28.59, 24.45), "TRADES": (57.99, 31.97, 26.76),
-                        "MART": (55.19, 31.16, 26.46), "MAIL": (58.04, 29.50, 23.97), "CFA": (63.37, 33.89, 28.98),
-                        "RAT": (60.89, 33.39, 27.95), "PIAT + NMSE": (61.04, 35.15, 30.07)}},
-    "III": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "PIAT": (85.56, 52.80, 48.35), "ALP": (84.18, 53.55, 49.68),
-                        "PIAT + ALP": (83.35, 57.71, 52.35), "TRADES": (82.13, 55.14, 50.38),
-                        "PIAT + TRADES": (82.08, 58.93, 53.73), "MART": (81.57, 56.44, 49.58),
-                        "PIAT + MART": (79.88, 59.51, 52.84), "MAIL": (84.96, 52.58, 47.26),
-                        "PIAT + MAIL": (84.24, 57.53, 52.22)},
-            "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "PIAT": (60.09, 34.46, 29.47), "ALP": (58.11, 28.59, 24.45),
-                         "PIAT + ALP": (59.25, 34.04, 28.94), "TRADES": (57.99, 31.97, 26.76),
-                         "PIAT + TRADES": (59.78, 34.52, 29.25), "MART": (55.19, 31.16, 26.46),
-                         "PIAT + MART": (54.32, 34.87, 28.79), "MAIL": (58.04, 29.50, 23.97),
-                         "PIAT + MAIL": (58.52, 33.65, 28.00)}},
-    "V": {"cifar10": {"ALP": (79.74, 52.37, 46.13), "NMSE": (84.77, 51.56, 46.60)},
-          "cifar100": {"ALP": (57.29, 28.12, 23.57), "NMSE": (58.88, 29.55, 24.82)}},
-}
-
-# model -> loss -> (plain, A&P, PIAT + A&P) as (Clean, PGD20, AA); CIFAR-10, the paper's Table IV
-PAPER_TABLE_IV = {
-    "convit_base": {"ce": [(61.47, 38.64, 34.07), (85.21, 53.25, 49.01), (87.50, 56.25, 51.86)],
-                    "trades": [(82.75, 52.77, 49.61), (83.51, 53.21, 50.11), (86.03, 55.88, 52.35)],
-                    "mart": [(63.61, 42.51, 37.08), (80.32, 53.11, 48.35), (81.20, 56.17, 51.13)]},
-    "vit_base_patch16_224": {"ce": [(83.07, 52.93, 48.99), (84.64, 53.44, 49.67), (87.83, 56.34, 52.27)],
-                             "trades": [(83.45, 53.07, 49.76), (83.91, 53.52, 50.56), (87.09, 55.97, 52.57)],
-                             "mart": [(77.05, 52.99, 47.95), (78.75, 53.51, 49.01), (82.23, 55.94, 51.03)]},
-    "deit_small_patch16_224": {"ce": [(81.36, 47.94, 47.28), (83.08, 52.28, 47.92), (83.22, 53.55, 49.31)],
-                               "trades": [(82.32, 52.52, 49.07), (82.81, 52.74, 49.40), (83.43, 53.31, 50.10)],
-                               "mart": [(76.77, 52.06, 47.06), (78.43, 52.98, 47.94), (78.39, 53.83, 48.97)]},
-}
-
 
 # === The flags: every default in one block
 
@@ -127,13 +92,16 @@ def parse_args(argv=None):
     p.add_argument("--model", type=str, default=None, metavar="FILE.py:NAME",
                    help="evaluate your own defence: NAME() in FILE.py returns an nn.Module mapping [0, 1] images "
                         "(N, C, H, W) to logits")
-    g = p.add_argument_group("what to measure (epsilon and step size in 1/255 units)")
+    g = p.add_argument_group("what to measure (--norm linf: eps and step size in 1/255 units; l2: in [0, 1] units)")
     g.add_argument("--attacks", type=choice_list((*ATTACKS, "eot20")), default=None,
                    help=f"of {','.join(ATTACKS)},eot20 (default: all but eot20, which a random model gets; none with "
                         "--landscape or --sanity)")
     g.add_argument("--eot-draws", type=positive_int, default=10, help="draws averaged by eot20's every step")
-    g.add_argument("--epsilon", type=pixel_units, default=8.0, help="L-inf radius of every attack")
-    g.add_argument("--step-size", type=pixel_units, default=2.0, help="step size of PGD-20 and CW-20")
+    g.add_argument("--norm", type=str, default="linf", choices=tuple(utils.NORM_UNITS), help="the ball of every attack")
+    g.add_argument("--epsilon", type=pixel_units, default=None,
+                   help="radius of every attack (default: 8/255 under linf, 0.5 under l2, RobustBench's)")
+    g.add_argument("--step-size", type=pixel_units, default=None,
+                   help="step size of PGD-20 and CW-20 (default: 2/255 under linf, eps/4 under l2)")
     g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS, help="AutoAttack's version")
     g.add_argument("--aa-attacks", type=choice_list(AA_ATTACKS), default=None,
                    help=f"with --aa-version custom: of {', '.join(AA_ATTACKS)} (default: apgd-ce,apgd-t)")
@@ -177,13 +145,17 @@ def parse_args(argv=None):
     g = p.add_argument_group("sanity checklist against gradient masking and broken attacks (sanity.py)")
     g.add_argument("--sanity", action="store_true", help="run it on each checkpoint (after --attacks, when given)")
     g.add_argument("--strict", action="store_true", help="with --sanity: exit status 1 when a check FAILs")
-    g.add_argument("--sanity-epsilons", type=epsilon_list, default=[0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
-                   help="its eps sweep (0 and --epsilon added; the largest >= 4x --epsilon)")
+    g.add_argument("--sanity-epsilons", type=epsilon_list, default=None,
+                   help="its eps sweep (default: 0,2,4,8,16,32,64 linf, 0,0.125,...,4 l2; 0 and --epsilon added; the "
+                        "largest >= 4x --epsilon)")
     g.add_argument("--sanity-steps", type=positive_int, default=100, help="steps of its long PGD, at half --step-size")
     g.add_argument("--sanity-restarts", type=non_negative_int, default=3, help="restarts of its long PGD")
     g.add_argument("--sanity-square-queries", type=positive_int, default=1000, help="queries of its Square attack")
     args = p.parse_args(argv)
     # defaults that depend on other flags, and the checks argparse cannot make
+    utils.attack_units(p, args)
+    if args.sanity_epsilons is None:  # up to 8x the default eps, where honest models are at about 0 %
+        args.sanity_epsilons = [e / (1 if args.norm == "linf" else 16) for e in (0, 2, 4, 8, 16, 32, 64)]
     if args.attacks is None:
         args.attacks = [] if args.landscape or args.sanity else list(ATTACKS)
     if not args.paths and not args.model:
@@ -230,7 +202,7 @@ def choice_list(allowed):
 
 
 def epsilon_list(text):
-    """argparse `type=`: comma-separated epsilons in 1/255 units."""
+    """argparse `type=`: comma-separated epsilons (in --norm's units)."""
     values = [pixel_units(item) for item in text.split(",") if item.strip()]
     if not values:
         raise argparse.ArgumentTypeError("empty list")
@@ -244,22 +216,20 @@ def epsilon_list(text):
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
                delta_mask=None, norm="linf"):
     """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
-    ||x' - x|| <= epsilon for every example, in [0, 1]. An L-inf step follows the gradient's sign, an L2 step the
-    gradient divided by its L2 norm; each is projected onto the ball, then into [0, 1] (which only shortens delta).
-    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
-    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
-    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
-    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
-    chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # a number per example, broadcast over its image
-    if torch.is_tensor(epsilon):
-        epsilon = epsilon.to(x.device, x.dtype).view(per_example)
+    ||x' - x|| <= epsilon per example, in [0, 1]: each step (the gradient's sign, or the gradient over its L2 norm)
+    is projected onto the ball, then into [0, 1]. epsilon: one radius, or one per example (a tensor (N,): CFA's
+    class-wise margins). loss: "ce" cross-entropy, "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl"
+    TRADES's KL(p(x) || p(x')). random_start: "uniform" in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the
+    official TRADES and MART code) or None, drawn from `generator` (default: the global one). delta_mask: None, or
+    a function returning a 0/1 mask (or None) that multiplies delta before every forward pass (PRM). A model that
+    gives no gradient is not moved. The caller chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # one number per example, broadcast over its image
+    epsilon = epsilon.to(x.device, x.dtype).view(per_example) if torch.is_tensor(epsilon) else epsilon
 
     def l2(v):  # never 0: a zero vector divided by it stays zero
         return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
 
-    def project(delta):  # onto the ball, then into [0, 1]
+    def project(delta):  # onto the ball (clamping into [0, 1] then only shortens delta)
         delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
         return (x + delta).clamp_(0, 1) - x
 
@@ -314,14 +284,14 @@ def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_siz
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)
 
 
-def autoattack_flags(model, x, y, epsilon, version, attacks, seed, batch_size, device):
+def autoattack_flags(model, x, y, epsilon, version, attacks, seed, batch_size, device, norm="linf"):
     """(per image of x (float in [0, 1]): whether it stays correctly classified under AutoAttack, the attacks it ran),
     counted as pyautoattack's run_standard_evaluation counts: it returns the label of each adversarial example, or
     the clean prediction where no attack succeeded, so y_adv == y are its robust flags. Flags on the CPU."""
     from pyautoattack import AutoAttack
 
     model.eval()
-    adversary = AutoAttack(model, norm="Linf", eps=epsilon, version=version,
+    adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=epsilon, version=version,
                            attacks=attacks if version == "custom" else None, seed=seed, device=device)
     with torch.no_grad():
         num_classes = model(x[:1].to(device)).shape[1]
@@ -363,6 +333,8 @@ def load_model(path, args):
         model, info = user_model(args.model)
     else:
         model, info = project_model(Path(path)) if args.arch is None else state_dict_model(Path(path), args)
+    info = {"weights": "trained", "epoch": None, "epochs": None, "image_shape": None, "dataset": None,
+            "data_dir": None, "image_size": None, **info}  # what a loader cannot know
     for key, tensor in model.state_dict().items():  # every number measured on such weights would be meaningless
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             value = tensor[~torch.isfinite(tensor)].flatten()[0].item()
@@ -416,9 +388,8 @@ def user_model(spec):
                                   f"({len(x)}, classes)")
         return out.shape[1]
 
-    return model, {"kind": "model", "arch": type(model).__name__, "method": path.name, "weights": "trained",
-                   "epoch": None, "epochs": None, "num_classes": None, "output_classes": output_classes,
-                   "image_shape": None, "dataset": None, "data_dir": None, "image_size": None, "spec": spec}
+    return model, {"kind": "model", "arch": type(model).__name__, "method": path.name, "num_classes": None,
+                   "output_classes": output_classes, "spec": spec}
 
 
 def project_model(path):
@@ -456,9 +427,7 @@ def state_dict_model(path, args):
     num_classes = args.num_classes or classifier_outputs(args.arch, state_dict)
     model = utils.build_model(args.arch, num_classes, mean, std)
     load_weights(model, state_dict, path, args.arch)
-    return model, {"kind": "state_dict", "arch": args.arch, "method": path.stem, "weights": "trained", "epoch": None,
-                   "epochs": None, "num_classes": num_classes, "image_shape": None, "dataset": None,
-                   "data_dir": None, "image_size": None}
+    return model, {"kind": "state_dict", "arch": args.arch, "method": path.stem, "num_classes": num_classes}
 
 
 def method_name(checkpoint):
@@ -597,16 +566,16 @@ def load_test_images(info, ckpt, args, cache):
 def measure(model, x, y, attack, args, device, desc):
     """One attack on the images x (uint8) of one model: the result row's measured fields, with the accuracy of every
     class among the images and the worst class's (CFA's fairness measure)."""
-    eps = args.epsilon / 255
+    eps, step = utils.radii(args)
     if attack == "aa":
         flags, ran = autoattack_flags(model, utils.to_float(x), y, eps, args.aa_version, args.aa_attacks, args.seed,
-                                      args.batch_size, device)
+                                      args.batch_size, device, args.norm)
         extra = {"aa_version": args.aa_version, "aa_attacks": ran}
     else:
         attacked = ExpectedLogits(model, args.eot_draws) if attack == "eot20" else model
-        flags = attack_flags(attacked, x, y, ATTACK_LOSSES[attack], eps, args.step_size / 255, 20, args.batch_size,
-                             device, desc=desc).cpu()
-        extra = {} if attack == "clean" else {"steps": 20, "step_size_255": args.step_size}
+        flags = attack_flags(attacked, x, y, ATTACK_LOSSES[attack], eps, step, 20, args.batch_size, device, desc=desc,
+                             norm=args.norm).cpu()
+        extra = {} if attack == "clean" else {"steps": 20, "step_size": step, "step_size_255": 255 * step}
         extra.update({"draws": args.eot_draws} if attack == "eot20" else {})
     classes, y = torch.unique(y.cpu()), y.cpu()
     accuracy = [float(flags[y == c].float().mean()) for c in classes]
@@ -655,7 +624,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
         which = "all" if images["subset"] == "all" else f"{images['subset']} subset"
         epoch = f", epoch {info['epoch']}" if info["epoch"] else ""
         print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(y)} {images['dataset']} test images "
-              f"({which}), {device}{', bf16 autocast' if args.amp else ''}")
+              f"({which}), {utils.threat_model(args.norm, args.epsilon)}, {device}"
+              f"{', bf16 autocast' if args.amp else ''}")
         common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
                   "weights": info["weights"], "arch": info["arch"], "epoch": info["epoch"],
                   "dataset": images["dataset"], "subset": images["subset"], "n": len(y), "seed": args.seed,
@@ -668,8 +638,9 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
         for attack in attacks:
             utils.seed_everything(args.seed)  # each number is reproducible on its own
             start, same = time.time(), (info["fingerprint"], images["key"], attack)
-            row = {**common, "attack": attack, "epsilon": 0.0 if attack == "clean" else args.epsilon / 255,
-                   "epsilon_255": 0.0 if attack == "clean" else args.epsilon}
+            eps = 0.0 if attack == "clean" else utils.radii(args)[0]  # clean accuracy has no threat model
+            row = {**common, "attack": attack, "norm": None if attack == "clean" else args.norm, "epsilon": eps,
+                   "epsilon_255": args.epsilon if eps and args.norm == "linf" else 255 * eps}
             if same in measured:
                 earlier = measured[same]
                 row.update({k: v for k, v in earlier.items() if k not in row and k != "seconds"}, seconds=0.0,
@@ -681,8 +652,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
             print(f"  {role:10s} {attack:6s} {100 * row['accuracy']:6.2f}%  ({row['correct']}/{len(y)}, "
                   f"{row['seconds']:.1f} s)", flush=True)
             new_rows.append(row)
-            saved["results"] = [r for r in saved["results"]
-                                if (r["run"], r["role"], r["attack"]) != (run, role, attack)] + [row]
+            saved["results"] = [r for r in saved["results"] if (r["run"], r["role"], r["attack"], threat_of(r)) !=
+                                (run, role, attack, threat_of(row))] + [row]  # another eps or norm's row stays
             save_results(saved, json_path)
         if landscape:  # beside the results: RUN/final.landscape.*, CKPT.landscape.*, with --out RUN_NAME.final.*
             name = output_stem(run, ckpt, role, is_run_dir, args.out)
@@ -721,33 +692,45 @@ def read_results(path):
 
 
 def save_results(saved, json_path):
-    saved["script"] = "evaluate.py"
-    saved["table"] = table_i(saved["results"])
-    for t in saved["table"].values():
-        t["n"], t["notes"] = sorted(t["n"]), sorted(t["notes"])
+    saved["script"], groups = "evaluate.py", threat_groups(saved["results"])
+    saved["table"] = {run if len(groups) == 1 else f"{run} ({threat})": entry for threat, rows in groups.items()
+                      for run, entry in table_i(rows).items()}
     utils.save_json(saved, json_path)
 
 
+def threat_of(row):
+    """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
+    norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
+    epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
+    return None if row["attack"] == "clean" else utils.threat_model(norm, epsilon)
+
+
+def threat_groups(rows):
+    """{threat model: its rows and the clean rows}: no table puts two threat models (or radii) side by side."""
+    threats = dict.fromkeys(threat_of(r) for r in rows if r["attack"] != "clean") or [None]
+    return {threat: [r for r in rows if threat_of(r) in (threat, None)] for threat in threats}
+
+
 def table_i(rows):
-    """{run: {"dataset", "method", "n", "notes", attack: {"best", "final", "diff", "best_worst", "final_worst"}}}
-    from result rows; a checkpoint that is neither best.pt nor final.pt fills the Best column. Diff is
-    |Best - Final| (Table I); *_worst the worst class's accuracy."""
+    """{run: {"dataset", "method", "threat", "n", "notes", attack: {"best", "final", "diff", "best_worst",
+    "final_worst"}}} from result rows of one threat model; a checkpoint that is neither best.pt nor final.pt fills
+    the Best column. Diff is |Best - Final| (Table I); *_worst the worst class's accuracy."""
     runs = {}
     for row in rows:
-        run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "n": set(),
-                                           "notes": set()})
+        run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "threat": None,
+                                           "n": set(), "notes": set()})
+        run["threat"] = run["threat"] or threat_of(row)
         column = "final" if row["role"] == "final" else "best"
         run.setdefault(row["attack"], {})[column] = row["accuracy"]
         if row.get("worst_class_accuracy") is not None:
             run[row["attack"]][f"{column}_worst"] = row["worst_class_accuracy"]
         run["n"].add(row["n"])
-        if row["attack"] != "clean" and row.get("epsilon_255") != 8:
-            run["notes"].add(f"eps {row.get('epsilon_255'):g}/255")
         if row["attack"] == "aa" and row.get("aa_version") != "standard":
             run["notes"].add(f"AA {row.get('aa_version')} ({','.join(row.get('aa_attacks') or [])})")
         if row.get("amp") and row["attack"] != "clean":
             run["notes"].add(f"{ATTACK_TITLES[row['attack']]} in bf16")
     for run in runs.values():
+        run["n"], run["notes"] = sorted(run["n"]), sorted(run["notes"])
         for attack in ATTACK_TITLES:
             cell = run.get(attack)
             if cell and "best" in cell and "final" in cell:
@@ -756,29 +739,33 @@ def table_i(rows):
 
 
 def markdown_table(rows, worst_class=False, paper=None):
-    """Table I as markdown: a row per run, Best | Final | Diff (in %) of Clean, PGD20, CW and AA; with worst_class
-    the worst class's Best and Final too (CFA's fairness measure); with paper (a data set of PAPER_TABLE_I) the
-    paper's row under each method it reports."""
+    """Table I as markdown, one table per threat model (named above it): a row per run, Best | Final | Diff (in %)
+    of Clean, PGD20, CW and AA; with worst_class the worst class's Best and Final too (CFA's fairness measure); with
+    paper (a data set of PAPER_TABLE_I) the paper's row under each method it reports, beside L-inf eps 8/255 only."""
     columns = ("best", "final", "diff") + (("best_worst", "final_worst") if worst_class else ())
     titles = {"best": "Best", "final": "Final", "diff": "Diff", "best_worst": "Best worst",
               "final_worst": "Final worst"}
     attacks = [*ATTACKS, *(["eot20"] if any(r["attack"] == "eot20" for r in rows) else [])]
     header = ["Run", "Dataset", "Method"] + [f"{ATTACK_TITLES[a]} {titles[c]}" for a in attacks for c in columns]
-    lines = ["| " + " | ".join(header + ["n", "notes"]) + " |", "|" + "---|" * (len(header) + 2)]
-    for run, t in table_i(rows).items():
-        cells = [Path(run).name, str(t["dataset"]), str(t["method"])]
-        for attack in attacks:
-            cell = t.get(attack, {})
-            cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in columns]
-        cells += ["/".join(str(n) for n in sorted(t["n"])), "; ".join(sorted(t["notes"]))]
-        lines.append("| " + " | ".join(cells) + " |")
-        reported = (PAPER_TABLE_I.get(paper) or {}).get(t["method"])
-        if reported:
-            cells = ["", f"paper ({paper})", str(t["method"])]
-            for triple in reported + [("–",) * 3] * (len(attacks) - len(reported)):
-                cells += [f"{v:.2f}" if v != "–" else v for v in triple] + ["–"] * (len(columns) - 3)
-            lines.append("| " + " | ".join(cells + ["", "ResNet-18, the paper's Table I"]) + " |")
-    return "\n".join(lines) + "\n"
+    tables = []
+    for threat, group in threat_groups(rows).items():
+        lines = [f"**Threat model: {threat or 'none (clean accuracy only)'}**", "",
+                 "| " + " | ".join(header + ["n", "notes"]) + " |", "|" + "---|" * (len(header) + 2)]
+        for run, t in table_i(group).items():
+            cells = [Path(run).name, str(t["dataset"]), str(t["method"])]
+            for attack in attacks:
+                cell = t.get(attack, {})
+                cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in columns]
+            cells += ["/".join(map(str, t["n"])), "; ".join(t["notes"])]
+            lines.append("| " + " | ".join(cells) + " |")
+            reported = (PAPER_TABLE_I.get(paper) or {}).get(t["method"]) if threat == "L-inf eps 8/255" else None
+            if reported:
+                cells = ["", f"paper ({paper})", str(t["method"])]
+                for triple in reported + [("–",) * 3] * (len(attacks) - len(reported)):
+                    cells += [f"{v:.2f}" if v != "–" else v for v in triple] + ["–"] * (len(columns) - 3)
+                lines.append("| " + " | ".join(cells + ["", "ResNet-18, the paper's Table I"]) + " |")
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
 
 
 def print_table(args):
@@ -901,7 +888,7 @@ def filter_normalized_direction(model, generator):
     return direction
 
 
-def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_size, desc="landscape"):
+def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_size, desc="landscape", norm="linf"):
     """(loss, accuracy) grids: loss[i, j] the mean CE on the fixed batch (x, y) of the model with the weights
     theta + coords[i]*d1 + coords[j]*d2, under PGD made against those weights from the same random start. The
     weights are passed in (torch.func.functional_call): the model's own are never touched."""
@@ -917,7 +904,7 @@ def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_s
         total, correct = 0.0, 0
         for k in range(0, len(x), batch_size):
             xb, yb = x[k : k + batch_size], y[k : k + batch_size]
-            x_adv = pgd_attack(perturbed, xb, yb, epsilon, step_size, steps)
+            x_adv = pgd_attack(perturbed, xb, yb, epsilon, step_size, steps, norm=norm)
             with torch.no_grad():
                 logits = perturbed(x_adv)
             total += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -933,21 +920,23 @@ def landscape_for(model, x, y, args, device, common, stem):
     start, n = time.time(), min(args.landscape_batch, len(x))
     xb, yb = utils.to_float(x[:n].to(device)), y[:n].to(device)
     coords = np.linspace(-args.landscape_range, args.landscape_range, args.landscape_steps)
-    loss, accuracy = loss_landscape(model, xb, yb, args.epsilon / 255, args.step_size / 255, args.landscape_pgd_steps,
-                                    coords, args.seed, args.batch_size, desc=f"{common['role']} landscape")
+    loss, accuracy = loss_landscape(model, xb, yb, *utils.radii(args), args.landscape_pgd_steps, coords, args.seed,
+                                    args.batch_size, desc=f"{common['role']} landscape", norm=args.norm)
     npz, png = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".png")
     utils.atomic_write(npz, lambda f: np.savez(f, a=coords, b=coords, loss=loss, accuracy=accuracy,
-                                               epsilon=args.epsilon / 255, pgd_steps=args.landscape_pgd_steps, n=n))
+                                               epsilon=utils.radii(args)[0], norm=args.norm,
+                                               pgd_steps=args.landscape_pgd_steps, n=n))
     fig = Figure(figsize=(6.5, 5))
     ax = fig.add_subplot(projection="3d")
     ax.plot_surface(*np.meshgrid(coords, coords, indexing="ij"), loss, cmap="viridis", linewidth=0, antialiased=True)
     ax.set(xlabel="a (direction d1)", ylabel="b (direction d2)", zlabel="adversarial CE",
-           title=f"{common['method']} ({common['role']}): PGD-{args.landscape_pgd_steps} CE, {n} images")
+           title=f"{common['method']} ({common['role']}): PGD-{args.landscape_pgd_steps} CE, "
+                 f"{utils.threat_model(args.norm, args.epsilon)}, {n} images")
     fig.tight_layout()
     utils.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110))
     center = len(coords) // 2
     entry = {**common, "npz": str(npz), "png": str(png), "steps": args.landscape_steps, "range": args.landscape_range,
-             "batch": n, "pgd_steps": args.landscape_pgd_steps, "epsilon": args.epsilon / 255,
+             "batch": n, "pgd_steps": args.landscape_pgd_steps, "norm": args.norm, "epsilon": utils.radii(args)[0],
              "loss_min": float(loss.min()), "loss_max": float(loss.max()),
              "loss_center": float(loss[center, center]) if len(coords) % 2 else None, "seconds": time.time() - start}
     print(f"  landscape {args.landscape_steps}x{args.landscape_steps} in [-{args.landscape_range:g}, "

@@ -36,8 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import utils
-from evaluate import (ATTACK_TITLES, ATTACKS, LOSS_NAMES, PAPER_CPA, PAPER_TABLE_I, PAPER_TABLE_IV, choice_list,
-                      compare_flags)
+from evaluate import ATTACK_TITLES, ATTACKS, LOSS_NAMES, PAPER_TABLE_I, choice_list, compare_flags
 
 ROOT = Path(__file__).resolve().parent
 SIGNAL_DELAY_S = 120  # Slurm warns a job (USR2) this long before its time limit: time to stop and requeue
@@ -498,6 +497,42 @@ def run_inline(runs):
 
 
 # === The report: the tables (mean ± std over seeds, the paper's numbers, each method against PGD-AT) and figures
+
+# The paper's other tables (their one copy; Table I's is evaluate.py's, for --paper too):
+# table -> dataset -> method -> (Clean, PGD20, AA) of the best checkpoint: Tables II and III (WRN-32-10), V
+PAPER_CPA = {
+    "II": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "ALP": (84.18, 53.55, 49.68), "TRADES": (82.13, 55.14, 50.38),
+                       "MART": (81.57, 56.44, 49.58), "MAIL": (84.96, 52.58, 47.26), "CFA": (86.44, 57.84, 52.96),
+                       "RAT": (83.46, 57.07, 51.56), "PIAT + NMSE": (85.04, 58.04, 53.83)},
+           "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "ALP": (58.11, 28.59, 24.45), "TRADES": (57.99, 31.97, 26.76),
+                        "MART": (55.19, 31.16, 26.46), "MAIL": (58.04, 29.50, 23.97), "CFA": (63.37, 33.89, 28.98),
+                        "RAT": (60.89, 33.39, 27.95), "PIAT + NMSE": (61.04, 35.15, 30.07)}},
+    "III": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "PIAT": (85.56, 52.80, 48.35), "ALP": (84.18, 53.55, 49.68),
+                        "PIAT + ALP": (83.35, 57.71, 52.35), "TRADES": (82.13, 55.14, 50.38),
+                        "PIAT + TRADES": (82.08, 58.93, 53.73), "MART": (81.57, 56.44, 49.58),
+                        "PIAT + MART": (79.88, 59.51, 52.84), "MAIL": (84.96, 52.58, 47.26),
+                        "PIAT + MAIL": (84.24, 57.53, 52.22)},
+            "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "PIAT": (60.09, 34.46, 29.47), "ALP": (58.11, 28.59, 24.45),
+                         "PIAT + ALP": (59.25, 34.04, 28.94), "TRADES": (57.99, 31.97, 26.76),
+                         "PIAT + TRADES": (59.78, 34.52, 29.25), "MART": (55.19, 31.16, 26.46),
+                         "PIAT + MART": (54.32, 34.87, 28.79), "MAIL": (58.04, 29.50, 23.97),
+                         "PIAT + MAIL": (58.52, 33.65, 28.00)}},
+    "V": {"cifar10": {"ALP": (79.74, 52.37, 46.13), "NMSE": (84.77, 51.56, 46.60)},
+          "cifar100": {"ALP": (57.29, 28.12, 23.57), "NMSE": (58.88, 29.55, 24.82)}},
+}
+
+# model -> loss -> (plain, A&P, PIAT + A&P) as (Clean, PGD20, AA); CIFAR-10, the paper's Table IV
+PAPER_TABLE_IV = {
+    "convit_base": {"ce": [(61.47, 38.64, 34.07), (85.21, 53.25, 49.01), (87.50, 56.25, 51.86)],
+                    "trades": [(82.75, 52.77, 49.61), (83.51, 53.21, 50.11), (86.03, 55.88, 52.35)],
+                    "mart": [(63.61, 42.51, 37.08), (80.32, 53.11, 48.35), (81.20, 56.17, 51.13)]},
+    "vit_base_patch16_224": {"ce": [(83.07, 52.93, 48.99), (84.64, 53.44, 49.67), (87.83, 56.34, 52.27)],
+                             "trades": [(83.45, 53.07, 49.76), (83.91, 53.52, 50.56), (87.09, 55.97, 52.57)],
+                             "mart": [(77.05, 52.99, 47.95), (78.75, 53.51, 49.01), (82.23, 55.94, 51.03)]},
+    "deit_small_patch16_224": {"ce": [(81.36, 47.94, 47.28), (83.08, 52.28, 47.92), (83.22, 53.55, 49.31)],
+                               "trades": [(82.32, 52.52, 49.07), (82.81, 52.74, 49.40), (83.43, 53.31, 50.10)],
+                               "mart": [(76.77, 52.06, 47.06), (78.43, 52.98, 47.94), (78.39, 53.83, 48.97)]},
+}
 
 FIG1_METHODS = ["PGD-AT", "TRADES", "MART", "PIAT + NMSE"]
 BEST_CPA = [("best", "clean"), ("best", "pgd20"), ("best", "aa")]  # Tables II-V's columns

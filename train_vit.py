@@ -183,22 +183,20 @@ def parse_args(argv=None):
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
                delta_mask=None, norm="linf"):
     """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
-    ||x' - x|| <= epsilon for every example, in [0, 1]. An L-inf step follows the gradient's sign, an L2 step the
-    gradient divided by its L2 norm; each is projected onto the ball, then into [0, 1] (which only shortens delta).
-    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
-    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
-    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
-    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
-    chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # a number per example, broadcast over its image
-    if torch.is_tensor(epsilon):
-        epsilon = epsilon.to(x.device, x.dtype).view(per_example)
+    ||x' - x|| <= epsilon per example, in [0, 1]: each step (the gradient's sign, or the gradient over its L2 norm)
+    is projected onto the ball, then into [0, 1]. epsilon: one radius, or one per example (a tensor (N,): CFA's
+    class-wise margins). loss: "ce" cross-entropy, "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl"
+    TRADES's KL(p(x) || p(x')). random_start: "uniform" in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the
+    official TRADES and MART code) or None, drawn from `generator` (default: the global one). delta_mask: None, or
+    a function returning a 0/1 mask (or None) that multiplies delta before every forward pass (PRM). A model that
+    gives no gradient is not moved. The caller chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # one number per example, broadcast over its image
+    epsilon = epsilon.to(x.device, x.dtype).view(per_example) if torch.is_tensor(epsilon) else epsilon
 
     def l2(v):  # never 0: a zero vector divided by it stays zero
         return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
 
-    def project(delta):  # onto the ball, then into [0, 1]
+    def project(delta):  # onto the ball (clamping into [0, 1] then only shortens delta)
         delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
         return (x + delta).clamp_(0, 1) - x
 

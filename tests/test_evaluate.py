@@ -298,8 +298,9 @@ def test_table_gathers_runs_like_table_i(tmp_path, capsys):
                  {"clean": .8096, "pgd20": .5374, "cw20": .5172},
                  {"clean": .8284, "pgd20": .5281, "cw20": .5049}, n=500)
     ev.main(["--table", str(tmp_path / "pgdat"), str(tmp_path / "piat" / "eval.json"), "--out", str(tmp_path / "t.md")])
-    lines = (tmp_path / "t.md").read_text().splitlines()
-    assert lines == capsys.readouterr().out.splitlines()[:4]
+    heading, blank, *lines = (tmp_path / "t.md").read_text().splitlines()
+    assert [heading, blank, *lines] == capsys.readouterr().out.splitlines()[:6]
+    assert heading == "**Threat model: L-inf eps 8/255**" and blank == "" and len(lines) == 4
     assert lines[0] == ("| Run | Dataset | Method | Clean Best | Clean Final | Clean Diff | PGD20 Best | PGD20 Final | "
                         "PGD20 Diff | CW Best | CW Final | CW Diff | AA Best | AA Final | AA Diff | n | notes |")
     assert lines[1] == "|" + "---|" * 17

@@ -131,7 +131,7 @@ def test_honest_model_passes_every_check(honest_results):
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(CHECKS, "PASS")
     # the numbers behind the PASSes: a model worth checking, attacks that work, a sweep from clean to 0
     sweep = results["eps-monotone"]["numbers"]
-    assert sweep["epsilons_255"] == [0.0, 4.0, 8.0, 32.0] and sweep["n"] == 96
+    assert sweep["epsilons"] == [0.0, 4.0, 8.0, 32.0] and sweep["n"] == 96
     clean, eps4, eps8, eps32 = sweep["accuracy"]
     assert clean >= 0.35 and clean - 0.1 > eps4 > eps8 >= 0.08 and eps32 == 0.0
     assert results["eps0-equals-clean"]["numbers"]["eps0"] == clean
@@ -144,7 +144,7 @@ def test_honest_model_passes_every_check(honest_results):
     gradients = results["gradients"]["numbers"]
     assert gradients["zero_ce"] == gradients["zero_margin"] == gradients["nonfinite"] == 0
     valid = results["valid-examples"]["numbers"]
-    assert valid["examples"] > 4 * 96 and valid["attacks"]["pgd20"]["max_linf_255"] == pytest.approx(8, abs=1e-3)
+    assert valid["examples"] > 4 * 96 and valid["attacks"]["pgd20"]["max_distance"] == pytest.approx(8, abs=1e-3)
     assert sorted(valid["attacks"]) == sorted(["pgd20", "cw20", "fgsm", "eps0", "pgd20@4", "pgd20@32", "pgd40#1",
                                                "square"])
     assert valid["attacks"]["square"]["attacked"] == round(96 * results["square-vs-white-box"]["numbers"]["white_box"])
@@ -197,7 +197,7 @@ def test_random_forward_fails_the_determinism_check_and_gets_eot(honest, images,
     assert results["zero-coordinates"]["status"] == results["finite-difference"]["status"] == "PASS"
     eot = results["valid-examples"]["numbers"]["attacks"]["eot-pgd"]
     clean = results["eps-monotone"]["numbers"]["accuracy"][0]
-    assert eot["attacked"] == round(96 * clean) and eot["max_linf_255"] == pytest.approx(8, abs=1e-3)
+    assert eot["attacked"] == round(96 * clean) and eot["max_distance"] == pytest.approx(8, abs=1e-3)
     worst = results["worst-case-reported"]["numbers"]
     assert worst["eot_pgd"] == eot["accuracy"] < clean and worst["worst_case"] <= worst["eot_pgd"]
     assert "EOT-PGD-20 (8 draws)" in results["worst-case-reported"]["detail"]
@@ -371,7 +371,7 @@ def test_adversarial_examples_outside_the_ball_fail_the_per_example_check(honest
     valid = results["valid-examples"]
     assert valid["status"] == "FAIL" and valid["numbers"]["outside_ball"] > 96
     assert valid["numbers"]["outside_box"] == valid["numbers"]["nan"] == 0
-    assert valid["numbers"]["attacks"]["pgd20"]["max_linf_255"] == pytest.approx(16, abs=1e-3)
+    assert valid["numbers"]["attacks"]["pgd20"]["max_distance"] == pytest.approx(16, abs=1e-3)
     # each fault by itself, straight into the per-example test
     x4 = x[:4]
     eps = 8 / 255
