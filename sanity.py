@@ -82,7 +82,7 @@ class SanitySettings:
 
     def __post_init__(self):  # frozen: the norm's defaults set through object.__setattr__
         linf, set_ = self.norm == "linf", functools.partial(object.__setattr__, self)
-        set_("epsilon", (8.0 if linf else 0.5) if self.epsilon is None else self.epsilon)
+        set_("epsilon", utils.EPSILONS[self.norm] if self.epsilon is None else self.epsilon)
         set_("step_size", (2.0 if linf else self.epsilon / 4) if self.step_size is None else self.step_size)
         set_("epsilons", tuple(e / (1 if linf else 16) for e in SANITY_EPSILONS) if self.epsilons is None else
              tuple(self.epsilons))

@@ -36,7 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import utils
-from evaluate import ATTACK_TITLES, ATTACKS, LOSS_NAMES, PAPER_TABLE_I, choice_list, compare_flags
+from evaluate import ATTACK_TITLES, ATTACKS, LOSS_NAMES, PAPER_TABLE_I, choice_list, compare_flags, threat_of
 
 ROOT = Path(__file__).resolve().parent
 SIGNAL_DELAY_S = 120  # Slurm warns a job (USR2) this long before its time limit: time to stop and requeue
@@ -147,8 +147,12 @@ ALIASES = {"paper": ["table1", "table2", "table3", "table4", "table5", "fig6", "
 # === The plan: every run of some grids once, with the evaluations all of them need
 
 
-class Run(namedtuple("Run", "dataset name seed script flags run_dir steps")):
-    """One training run: `script` with `flags` (the data set's included), the seed, its folder and evaluations."""
+PAPER_THREAT = utils.threat_model("linf", utils.EPSILONS["linf"])  # the paper's one threat model, "L-inf eps 8/255"
+
+
+class Run(namedtuple("Run", "dataset name seed script flags run_dir steps threat", defaults=(PAPER_THREAT,))):
+    """One training run: `script` with `flags` (the data set's included), the seed, its folder and evaluations, and
+    the threat model it is trained and evaluated under (as evaluate.py's tables name it)."""
     key = property(lambda self: f"{self.dataset}/{self.name}/seed{self.seed}")
 
 
@@ -156,17 +160,25 @@ Plan = namedtuple("Plan", "runs tables")  # runs: folder -> Run; tables: (grid, 
 
 
 def plan(grids, profile="paper", datasets=None, seeds=1, extra=(), sweep_dir="runs/sweep", attacks=None,
-         n_examples=None):
-    """The Plan of `grids` for seeds 0..seeds-1; `extra` flags go to every training command."""
+         n_examples=None, norm="linf", epsilon=None):
+    """The Plan of `grids` for seeds 0..seeds-1; `extra` flags go to every training command, the threat model (norm,
+    epsilon in its units; None: the norm's default) to every training and evaluate.py command. A run of another
+    threat model than the paper's L-inf 8/255 has a folder of its own (NAME-l2, NAME-eps16, NAME-l2-eps1)."""
     P, sweep_dir, result = PROFILES[profile], Path(sweep_dir).absolute(), Plan({}, {})
+    epsilon = None if epsilon == utils.EPSILONS[norm] else epsilon
+    threat_flags = (*(("--norm", norm) if norm != "linf" else ()), *(("--epsilon", f"{epsilon:g}") if epsilon else ()))
+    suffix = f"-{norm}" * (norm != "linf") + (f"-eps{epsilon:g}" if epsilon is not None else "")
+    threat = utils.threat_model(norm, utils.EPSILONS[norm] if epsilon is None else epsilon)
     for grid in [g for name in grids for g in ALIASES.get(name, [name])]:
         grid_datasets, rows = GRIDS[grid]
         for dataset in datasets or P["datasets"] or grid_datasets:
             table = result.tables.setdefault((grid, dataset), {})
             for row_label, name, script, flags, steps in rows(P, list(extra)):
+                steps = tuple(step._replace(flags=step.flags + threat_flags) for step in steps)
                 for seed in range(seeds):
-                    run = Run(dataset, name, seed, script, ("--dataset", dataset, *P["data"], *flags, *extra),
-                              sweep_dir / dataset / name / f"seed{seed}", steps)
+                    run = Run(dataset, name + suffix, seed, script, ("--dataset", dataset, *P["data"], *flags, *extra,
+                                                                      *threat_flags),
+                              sweep_dir / dataset / (name + suffix) / f"seed{seed}", steps, threat)
                     known = result.runs.get(run.run_dir)
                     if known and known[:5] != run[:5]:
                         raise ValueError(f"two grids define {run.key} differently: {known.flags} and {run.flags}")
@@ -193,7 +205,8 @@ def evaluations(steps, attacks, n_examples):
 
 
 def plan_from_args(a, extra):
-    return plan(a.grids, a.profile, a.datasets, a.seeds, extra, a.sweep_dir, a.attacks, a.n_examples)
+    return plan(a.grids, a.profile, a.datasets, a.seeds, extra, a.sweep_dir, a.attacks, a.n_examples, a.norm,
+                a.epsilon)
 
 
 # === A run's state and commands, judged from its folder and its latest job's record
@@ -206,13 +219,19 @@ def read_json(path, default=None):
         return default
 
 
+def eval_rows(run):
+    """{(role, attack): eval.json's result row} of `run` under its threat model (and its clean accuracy)."""
+    rows = read_json(run.run_dir / "eval.json", {}).get("results", [])
+    return {(r["role"], r["attack"]): r for r in rows if threat_of(r) in (None, run.threat)}
+
+
 def pending(run):
     """(how far its training got, whether it still trains, the evaluate.py steps still needed) of `run`'s folder."""
     epochs, total = 0, None
     if (run.run_dir / "final.pt").exists():
         checkpoint = utils.load_checkpoint(run.run_dir / "final.pt", mmap=True)  # reads no tensor
         epochs, total = checkpoint["epoch"], checkpoint["args"]["epochs"]
-    done = {(r["role"], r["attack"]) for r in read_json(run.run_dir / "eval.json", {}).get("results", [])}
+    done = set(eval_rows(run))
     steps = [step._replace(attacks=tuple(a for a in step.attacks if not {("best", a), ("final", a)} <= done))
              for step in run.steps]  # the attacks measured on neither or one checkpoint, the landscape until saved
     steps = [s for s in steps if s.attacks or (s.landscape and not (run.run_dir / "final.landscape.npz").exists())]
@@ -564,8 +583,7 @@ def read_metrics(path):
 
 def collect(the_plan):
     """{run folder: {"eval": {(role, attack): eval.json's result row}, "metrics": metrics.csv rows}} of every run."""
-    return {d: {"eval": {(r["role"], r["attack"]): r for r in read_json(d / "eval.json", {}).get("results", [])},
-                "metrics": read_metrics(d / "metrics.csv")} for d in the_plan.runs}
+    return {d: {"eval": eval_rows(run), "metrics": read_metrics(d / "metrics.csv")} for d, run in the_plan.runs.items()}
 
 
 def mean_std(values, text=True):
@@ -677,22 +695,24 @@ def grid_report(the_plan, grid, dataset, results):
     table, best = the_plan.tables[grid, dataset], f"({dataset}): the best checkpoint, accuracy (%)"
     rows = [([name], dirs) for name, dirs in table.items()]
     key = dataset if dataset in ("cifar10", "cifar100", "svhn") else "cifar10"  # the paper's numbers beside ours
+    theirs = threat_of_plan(the_plan) == PAPER_THREAT  # the paper's numbers beside ours: L-inf 8/255 only
     note = "" if key == dataset else f"**{dataset} is not one of the paper's data sets: theirs show the layout.**\n\n"
     if grid == "table1":
         title = f"**Table I ({dataset})**: accuracy (%) of the best and the final checkpoint; diff = |best − final|"
         paper = [[v for triple in PAPER_TABLE_I[key].get(name, ()) for v in triple] for name in table]
-        markdown = accuracy_markdown(title, rows, results, BEST_FINAL_DIFF, paper=(key, paper), reference="PGD-AT")
+        markdown = accuracy_markdown(title, rows, results, BEST_FINAL_DIFF, paper=(key, paper) if theirs else None,
+                                     reference="PGD-AT")
         return note + markdown, {}
     if grid in CPA_TABLES:
         number, what = CPA_TABLES[grid]
-        return note + accuracy_markdown(f"**Table {number}** ({what}) {best}", rows, results, BEST_CPA,
-                                        paper=(key, [PAPER_CPA[number].get(key, {}).get(name) for name in table])), {}
+        paper = (key, [PAPER_CPA[number].get(key, {}).get(name) for name in table]) if theirs else None
+        return note + accuracy_markdown(f"**Table {number}** ({what}) {best}", rows, results, BEST_CPA, paper=paper), {}
     if grid == "table4":
         paper = [PAPER_TABLE_IV[model][loss][list(VIT_VARIANTS).index(variant)] if loss in PAPER_TABLE_IV.get(
             model, {}) else None for model, loss, variant in table]
         rows = [((model, LOSS_NAMES[loss], variant), dirs) for (model, loss, variant), dirs in table.items()]
         return accuracy_markdown("**Table IV**: vision transformers, best checkpoint, accuracy (%)", rows, results,
-                                 BEST_CPA, ("Model", "Loss", "Variant"), ("cifar10", paper)), {}
+                                 BEST_CPA, ("Model", "Loss", "Variant"), ("cifar10", paper) if theirs else None), {}
     if grid == "fig6":  # Fig. 6 plots AutoAttack where it was measured for every run, else PGD-20
         attack = "aa" if all(seed_values(results, dirs, "best", "aa") for dirs in table.values()) else "pgd20"
         figures = {"fig1_robust_accuracy_per_epoch.png": plot_mean_curves(
@@ -727,11 +747,17 @@ def grid_report(the_plan, grid, dataset, results):
             {"rdat_vs_piat.png": plot_mean_curves(table, results, title)})
 
 
+def threat_of_plan(the_plan):
+    """The threat model of a plan's runs (one per sweep: sweep.py --norm and --epsilon)."""
+    return next(iter(the_plan.runs.values())).threat if the_plan.runs else PAPER_THREAT
+
+
 def write_report(the_plan, out_dir):
     """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/."""
-    out_dir, results = Path(out_dir), collect(the_plan)
+    out_dir, results, threat = Path(out_dir), collect(the_plan), threat_of_plan(the_plan)
     for grid in dict.fromkeys(grid for grid, _ in the_plan.tables):
-        sections = []
+        sections = [f"Threat model: {threat}" + ("" if threat == PAPER_THREAT else " (the paper measured L-inf eps "
+                                                                                 "8/255 only: its numbers are left out)")]
         for dataset in [ds for g, ds in the_plan.tables if g == grid]:
             markdown, figures = grid_report(the_plan, grid, dataset, results)
             (out_dir / dataset).mkdir(parents=True, exist_ok=True)
@@ -760,6 +786,10 @@ def parse_args(argv=None):
     g.add_argument("--attacks", type=choice_list([*ATTACKS, "landscape"]), default=None, metavar="LIST",
                    help=f"evaluate only these of {','.join(ATTACKS)},landscape")
     g.add_argument("--n-examples", type=utils.positive_int, default=None, metavar="N", help="evaluate on N test images")
+    g.add_argument("--norm", type=str, default="linf", choices=tuple(utils.NORM_UNITS),
+                   help="threat model of every training run and evaluation (not linf: runs of their own, NAME-l2)")
+    g.add_argument("--epsilon", type=utils.pixel_units, default=None,
+                   help="its radius, in training and evaluation (linf: 1/255 units, default 8; l2: [0, 1], 0.5)")
     g = p.add_argument_group("instead of running")
     action = g.add_mutually_exclusive_group()
     action.add_argument("--dry-run", action="store_true", help="check and print the commands still needed")
@@ -787,6 +817,7 @@ def parse_args(argv=None):
     owned = [flag for flag in extra if flag.split("=")[0] in ("--dataset", "--seed", "--out-dir", "--resume")]
     if owned:
         p.error(f"{owned[0]} is set by sweep.py for each run (use --datasets, --seeds, --sweep-dir)")
+    utils.attack_units(p, argparse.Namespace(norm=args.norm, epsilon=args.epsilon, step_size=None))  # its warnings
     args.sweep_dir = args.sweep_dir or f"runs/sweep-{args.profile}"
     args.report_dir = args.report_dir or str(Path(args.sweep_dir) / "report")
     return args, extra

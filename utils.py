@@ -70,13 +70,14 @@ unit_interval = number(float, 0, 1)  # alpha, beta, momentum: weights of a conve
 seed_number = number(int, 0, 2**32 - 1)  # every seed numpy accepts
 pixel_units = number(float, 0, 255)  # epsilon and step sizes: L-inf's in 1/255 units, L2's in [0, 1] units
 NORM_UNITS = {"linf": 255, "l2": 1}  # --norm -> what --epsilon and --step-size are divided by for [0, 1] units
+EPSILONS = {"linf": 8.0, "l2": 0.5}  # --norm -> the default --epsilon: the paper's 8/255, RobustBench's L2 0.5
 
 
 def attack_units(parser, args, l2_step=None):
-    """--epsilon and --step-size by --norm where not given (L-inf 8 and 2; L2 0.5, RobustBench's, and l2_step or
-    eps/4); a step of 0 is refused, a value almost surely in the other norm's units gets a warning."""
+    """--epsilon and --step-size by --norm where not given (EPSILONS; steps L-inf 2, L2 l2_step or eps/4); a step of
+    0 is refused, a value almost surely in the other norm's units gets a warning."""
     linf = args.norm == "linf"
-    args.epsilon = (8.0 if linf else 0.5) if args.epsilon is None else args.epsilon
+    args.epsilon = EPSILONS[args.norm] if args.epsilon is None else args.epsilon
     args.step_size = (2.0 if linf else l2_step or args.epsilon / 4) if args.step_size is None else args.step_size
     if args.step_size == 0:
         parser.error("argument --step-size: 0 never moves the attack, whose accuracy would be the clean one")
