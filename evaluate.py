@@ -14,9 +14,8 @@ pgd20 and cw20: 20 steps of --step-size on the cross-entropy or the CW margin ma
 start in the --epsilon ball of --norm (the training scripts' pgd_attack), BatchNorm in eval mode, images in [0, 1];
 aa: AutoAttack through pyautoattack; eot20: PGD-20 on the logits averaged over --eot-draws draws, added for a model
 whose forward pass is random (EOT, Athalye et al. 2018). --seed is set afresh before each number. Images: the whole
-test set, or the first --n-examples (--subset first: cifar10/cifar100/svhn, as RobustBench) or
-sorted(utils.fixed_subset(n_test, N)) (--subset fixed: image folders and synthetic sets, ordered by class; what
---eval-size N evaluates every epoch). --norm l2: the L2 ball; results of each norm and eps are kept and tabled apart.
+test set or --n-examples of it (--subset: docs/evaluation.md). --norm l2: the L2 ball; results of each norm and eps
+are kept, tabled and compared apart.
 """
 
 import argparse
@@ -829,14 +828,14 @@ def compare(paths, out=None):
     """--compare: each method of the given runs' results against the first one's (runs of one method are its seeds,
     paired with the other method's in the order given), per checkpoint role and attack; printed as a table and, with
     --out, written as JSON. Runs not evaluated on the same images are refused."""
-    methods = {}  # method -> {run: {(role, attack): row}}
+    methods = {}  # method -> {run: {(role, attack, threat model): row}}
     for path in paths:
         for row in result_rows([path]):
             if "per_image" not in row:
                 raise utils.UserError(f"{row['run']} was evaluated before results kept per-image correctness; "
                                       "evaluate it again")
-            role = row["role"] if row["role"] in ("best", "final") else "checkpoint"
-            methods.setdefault(row["method"], {}).setdefault(row["run"], {})[(role, row["attack"])] = row
+            key = (row["role"] if row["role"] in ("best", "final") else "checkpoint", row["attack"], threat_of(row))
+            methods.setdefault(row["method"], {}).setdefault(row["run"], {})[key] = row  # one per threat model
     if len(methods) < 2:
         raise utils.UserError(f"--compare needs results of at least two methods; found {', '.join(methods) or 'none'}")
     (reference, reference_runs), *others = methods.items()
@@ -844,18 +843,19 @@ def compare(paths, out=None):
                           "95 % CI (seeds) | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, runs in others:
         cells = sorted(set.intersection(*(set(r) for r in (*reference_runs.values(), *runs.values()))),
-                       key=lambda c: (c[0], list(ATTACK_TITLES).index(c[1])))
-        for role, attack in cells:
-            rows = [r[(role, attack)] for r in (*reference_runs.values(), *runs.values())]
+                       key=lambda c: (c[2] or "", c[0], list(ATTACK_TITLES).index(c[1])))
+        for role, attack, threat in cells:  # never two threat models (or radii) compared with each other
+            rows = [r[(role, attack, threat)] for r in (*reference_runs.values(), *runs.values())]
             if any((r["dataset"], r["indices"]) != (rows[0]["dataset"], rows[0]["indices"]) for r in rows):
                 odd = next(r for r in rows if (r["dataset"], r["indices"]) != (rows[0]["dataset"], rows[0]["indices"]))
                 raise utils.UserError(f"{odd['run']} and {rows[0]['run']} were not evaluated on the same images "
                                       f"({attack}, {role}); evaluate both with the same --dataset and --n-examples")
-            stats = compare_flags([r[(role, attack)]["per_image"] for r in reference_runs.values()],
-                                  [r[(role, attack)]["per_image"] for r in runs.values()])
-            results.append({"method": method, "reference": reference, "role": role, "attack": attack, **stats})
+            stats = compare_flags([r[(role, attack, threat)]["per_image"] for r in reference_runs.values()],
+                                  [r[(role, attack, threat)]["per_image"] for r in runs.values()])
+            results.append(dict(method=method, reference=reference, role=role, attack=attack, threat=threat, **stats))
             t = f"[{100 * stats['t_low']:+.1f}, {100 * stats['t_high']:+.1f}]" if stats["t_low"] is not None else "–"
-            lines.append(f"| {method} | {reference} | {role} | {ATTACK_TITLES[attack]} | {100 * stats['accuracy']:.2f} "
+            name = ATTACK_TITLES[attack] + (f" ({threat})" if threat else "")  # "PGD20 (L2 eps 0.5)"
+            lines.append(f"| {method} | {reference} | {role} | {name} | {100 * stats['accuracy']:.2f} "
                          f"| {100 * stats['reference_accuracy']:.2f} | {100 * stats['diff']:+.2f} | "
                          f"[{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] | {t} | "
                          f"{stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")

@@ -586,7 +586,7 @@ def test_compare_reports_the_difference_its_interval_and_the_exact_mcnemar_p(und
         assert c["diff"] == pytest.approx(-5 / 200) and c["ci_low"] < c["diff"] < c["ci_high"] <= 0
         assert (c["only_reference"], c["only_other"]) == (6, 1)
         assert c["p_value"] == pytest.approx(2 * sum(math_comb(7, k) for k in range(2)) / 2 ** 7)  # exact binomial
-    assert "| Other | PGD-AT | final | PGD20 |" in result["table"]
+    assert "| Other | PGD-AT | final | PGD20 (L-inf eps 8/255) |" in result["table"]
 
 
 def math_comb(n, k):
