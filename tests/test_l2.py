@@ -19,7 +19,7 @@ import sweep
 import train_piat as tp
 import train_rdat as tr
 import utils
-from conftest import TINY, kill_after_first_checkpoint, one_line_error, run_script
+from conftest import TINY, adversarially_trained_small_cnn, kill_after_first_checkpoint, one_line_error, run_script
 from sweep import read_metrics
 
 EPS = 0.5  # RobustBench's L2 radius, in [0, 1] units
@@ -32,28 +32,8 @@ def l2_distance(x_adv, x):
 @pytest.fixture(scope="module")
 def l2_model():
     """(model, x, y): a small-cnn (width 8) adversarially trained for 3 epochs under L2 (PGD-2 at eps 0.5, step eps/4)
-    on 2,000 synthetic images, and 64 test images; about 70 % clean and 50 % PGD-20 accuracy at L2 eps 0.5."""
-    utils.seed_everything(0)
-    data = utils.load_dataset("synthetic", None)
-    x_train, y_train = data.x_train[:2000], data.y_train[:2000]
-    model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    epochs, batch = 3, 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * -(-len(x_train) // batch))
-    for _ in range(epochs):
-        order = torch.randperm(len(x_train))
-        for i in range(0, len(x_train), batch):
-            idx = order[i : i + batch]
-            x, y = utils.to_float(utils.augment(x_train[idx])), y_train[idx]
-            model.eval()
-            x_adv = ev.pgd_attack(model, x, y, EPS, EPS / 4, 2, norm="l2")
-            model.train()
-            loss = F.cross_entropy(model(x_adv), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval().requires_grad_(False)
+    on 2,000 synthetic images, and 64 test images; about 69 % clean and 34 % PGD-20 accuracy at L2 eps 0.5."""
+    model, data = adversarially_trained_small_cnn(EPS, EPS / 4, norm="l2")
     idx = utils.fixed_subset(len(data.x_test), 64).sort().values
     return model, utils.to_float(data.x_test[idx]), data.y_test[idx]
 
@@ -233,6 +213,10 @@ def test_units_defaults_warnings_and_a_step_of_zero(capsys):
     result = run_script(tp.__file__, "--step-size", "0")
     assert result.returncode == 2 and "train_piat.py: error: argument --step-size: 0 never moves the attack" in \
         one_line_error(result, "train_piat.py")
+    for parse in (ev.parse_args, tr.parse_args):  # every script that takes a step refuses 0, under either norm
+        with pytest.raises(SystemExit):
+            parse([*(["run"] if parse is ev.parse_args else []), "--norm", "l2", "--step-size", "0"])
+        assert "--step-size: 0 never moves the attack" in capsys.readouterr().err
     result = run_script(ev.__file__, "run", "--norm", "l2", "--step-size", "0.02", "--epsilon", "0.031")
     assert result.returncode != 0 and "warning" not in result.stderr  # sensible L2 values: no warning
 
@@ -382,3 +366,22 @@ def test_tables_never_hold_two_threat_models():
         ours = tables[threat][4].split(" | ")
         assert ours[4] == "80.00" and value in ours and ours.count("–") == 10, (threat, ours)
         assert any("paper (cifar10)" in line for line in tables[threat]) == (threat == "L-inf eps 8/255")
+
+
+def test_compare_pairs_results_of_one_threat_model_only(tmp_path):
+    """Two methods, each run evaluated under L-inf 8/255 and L2 0.5 (L2 rows written last in one run, first in the
+    other): --compare pairs L-inf with L-inf and L2 with L2, and names each comparison's threat model."""
+    flags = {("linf", "A"): [1, 1, 0, 0], ("l2", "A"): [1, 1, 1, 1], ("linf", "B"): [1, 0, 0, 0],
+             ("l2", "B"): [1, 1, 1, 0]}
+    for method, order in (("A", ("linf", "l2")), ("B", ("l2", "linf"))):
+        rows = [{"run": str(tmp_path / method), "role": "final", "attack": "pgd20", "method": method, "n": 4,
+                 "dataset": "synthetic", "indices": [0, 1, 2, 3], "norm": norm, "epsilon": EPS if norm == "l2" else
+                 8 / 255, "epsilon_255": 255 * EPS if norm == "l2" else 8.0, "per_image": flags[norm, method],
+                 "accuracy": sum(flags[norm, method]) / 4} for norm in order]
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "eval.json").write_text(json.dumps({"results": rows}))
+    out = ev.compare([tmp_path / "A", tmp_path / "B"])
+    diffs = {c["threat"]: c["diff"] for c in out["comparisons"]}
+    assert diffs == {"L-inf eps 8/255": -0.25, "L2 eps 0.5": -0.25}
+    assert "| B | A | final | PGD20 (L2 eps 0.5) | 75.00 | 100.00 | -25.00 |" in out["table"]
+    assert "| B | A | final | PGD20 (L-inf eps 8/255) | 25.00 | 50.00 | -25.00 |" in out["table"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import evaluate as ev
 import sanity
 import utils
-from conftest import run_script
+from conftest import adversarially_trained_small_cnn, run_script
 
 # Small budgets (the defaults: sweep 0..64, PGD-100 x 3 restarts, Square 1000 queries)
 SMALL = sanity.SanitySettings(epsilons=(0.0, 4.0, 8.0, 32.0), long_steps=40, restarts=1, square_queries=100,
@@ -44,27 +44,7 @@ def honest(tmp_path_factory):
     """(model, run folder): a small-cnn (width 8) adversarially trained for 3 epochs (PGD-AT, PGD-2 at 8/255) on
     2,000 synthetic images, about 45 % clean and 18 % PGD-20 accuracy; the run folder holds it as best.pt and
     final.pt (identical weights). About 20 s."""
-    utils.seed_everything(0)
-    data = utils.load_dataset("synthetic", None)
-    x_train, y_train = data.x_train[:2000], data.y_train[:2000]
-    model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    epochs, batch = 3, 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * -(-len(x_train) // batch))
-    for _ in range(epochs):
-        order = torch.randperm(len(x_train))
-        for i in range(0, len(x_train), batch):
-            idx = order[i : i + batch]
-            x, y = utils.to_float(utils.augment(x_train[idx])), y_train[idx]
-            model.eval()
-            x_adv = ev.pgd_attack(model, x, y, 8 / 255, 5 / 255, 2)
-            model.train()
-            loss = F.cross_entropy(model(x_adv), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval().requires_grad_(False)
+    model, data = adversarially_trained_small_cnn(8 / 255, 5 / 255)
     run = tmp_path_factory.mktemp("pgdat")
     for name in ("best.pt", "final.pt"):
         utils.save_checkpoint(checkpoint(model, data), run / name)
