@@ -7,6 +7,7 @@ what each attack, image subset and option does, with examples.
     python evaluate.py runs/RUN --card --curve --export RUN.pt2    # a model card, curves and a self-contained model
     python evaluate.py --model my_defence.py:build --sanity        # any nn.Module of yours: build() returns it
     python evaluate.py --compare runs/pgdat runs/piat              # differences with 95 % intervals and p-values
+    python evaluate.py runs/RUN --norm l2                          # the L2 ball, eps 0.5 (RobustBench's)
 """
 
 import argparse
@@ -79,14 +80,17 @@ def parse_args(argv=None):
     p.add_argument("--model", type=str, default=None, metavar="FILE.py:NAME",
                    help="evaluate your own defence: NAME() in FILE.py returns an nn.Module mapping [0, 1] images "
                         "(N, C, H, W) to logits")
-    g = p.add_argument_group("what to measure (epsilon and step size in 1/255 units)")
+    g = p.add_argument_group("what to measure (--norm linf: eps and step size in 1/255 units; l2: in [0, 1] units)")
     g.add_argument("--attacks", type=choice_list((*ATTACKS, "eot20")), default=None,
                    help=f"of {','.join(ATTACKS)},eot20 (default: all but eot20, which a random model gets; none with "
                         "--landscape or --sanity)")
     g.add_argument("--eot-draws", type=number(int, 1, 1000), default=10,
                    help="draws averaged by eot20's every step (memory grows with draws x --batch-size)")
-    g.add_argument("--epsilon", type=pixel_units, default=8.0, help="L-inf radius of every attack")
-    g.add_argument("--step-size", type=pixel_units, default=2.0, help="step size of PGD-20 and CW-20")
+    g.add_argument("--norm", type=str, default="linf", choices=tuple(utils.NORM_UNITS), help="the ball of every attack")
+    g.add_argument("--epsilon", type=pixel_units, default=None,
+                   help="radius of every attack (default: 8/255 under linf, 0.5 under l2, RobustBench's)")
+    g.add_argument("--step-size", type=pixel_units, default=None,
+                   help="step size of PGD-20 and CW-20 (default: 2/255 under linf, eps/4 under l2)")
     g.add_argument("--aa-version", type=str, default="standard", choices=AA_VERSIONS, help="AutoAttack's version")
     g.add_argument("--aa-attacks", type=choice_list(AA_ATTACKS), default=None,
                    help=f"with --aa-version custom: of {', '.join(AA_ATTACKS)} (default: apgd-ce,apgd-t)")
@@ -131,8 +135,9 @@ def parse_args(argv=None):
     g.add_argument("--card", action="store_true", help="MODEL_CARD.md and robustbench.json from the results")
     g.add_argument("--curve", action="store_true",
                    help="accuracy against eps of each checkpoint: robustness_curve.png, and class_accuracy.png")
-    g.add_argument("--curve-epsilons", type=epsilon_list, default=[0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0],
-                   help="the curve's eps in 1/255 units (its PGD-20 steps eps/4)")
+    g.add_argument("--curve-epsilons", type=epsilon_list, default=None,
+                   help="the curve's eps in --norm's units (default: 0,1,2,4,8,12,16 linf, 0,0.125,...,2 l2; its PGD-20 "
+                        "steps eps/4)")
     g.add_argument("--curve-attacks", type=choice_list(("pgd20", "aa")), default=["pgd20"], help="of pgd20,aa")
     g.add_argument("--reported", type=str, default="best", choices=("best", "final"),
                    help="the checkpoint --card's RobustBench entry and --export describe")
@@ -141,13 +146,21 @@ def parse_args(argv=None):
     g = p.add_argument_group("sanity checklist against gradient masking and broken attacks (sanity.py)")
     g.add_argument("--sanity", action="store_true", help="run it on each checkpoint (after --attacks, when given)")
     g.add_argument("--strict", action="store_true", help="with --sanity: exit status 1 when a check FAILs")
-    g.add_argument("--sanity-epsilons", type=epsilon_list, default=[0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
-                   help="its eps sweep (0 and --epsilon added; the largest >= 4x --epsilon)")
-    g.add_argument("--sanity-steps", type=number(int, 1, 10**4), default=100, help="its long PGD's steps (half step)")
+    g.add_argument("--sanity-epsilons", type=epsilon_list, default=None,
+                   help="its eps sweep (default: 0,2,4,8,16,32,64 linf, 0,0.125,...,4 l2; 0 and --epsilon added; the "
+                        "largest >= 4x --epsilon)")
+    g.add_argument("--sanity-steps", type=number(int, 1, 10**4), default=100,
+                   help="steps of its long PGD, at half --step-size")
     g.add_argument("--sanity-restarts", type=number(int, 0, 100), default=3, help="restarts of its long PGD")
-    g.add_argument("--sanity-square-queries", type=number(int, 1, 10**5), default=1000, help="its Square's queries")
+    g.add_argument("--sanity-square-queries", type=number(int, 1, 10**5), default=1000,
+                   help="queries of its Square attack")
     args = p.parse_args(argv)
     # defaults that depend on other flags, and the checks argparse cannot make
+    utils.attack_units(p, args)
+    if args.sanity_epsilons is None:  # up to 8x the default eps, where honest models are at about 0 %
+        args.sanity_epsilons = [e / (1 if args.norm == "linf" else 16) for e in (0, 2, 4, 8, 16, 32, 64)]
+    if args.curve_epsilons is None:  # up to 2x the default eps
+        args.curve_epsilons = [e / (1 if args.norm == "linf" else 8) for e in (0, 1, 2, 4, 8, 12, 16)]
     if args.attacks is None:
         args.attacks = [] if args.landscape or args.sanity or args.card or args.curve or args.export else list(ATTACKS)
     if not args.paths and not args.model:
@@ -199,7 +212,7 @@ def choice_list(allowed):
 
 
 def epsilon_list(text):
-    """argparse `type=`: comma-separated epsilons in 1/255 units."""
+    """argparse `type=`: comma-separated epsilons (in --norm's units)."""
     values = [pixel_units(item) for item in text.split(",") if item.strip()]
     if not values:
         raise argparse.ArgumentTypeError("empty list")
@@ -211,27 +224,39 @@ def epsilon_list(text):
 
 
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
-               delta_mask=None):
-    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x' - x||_inf <= epsilon, in [0, 1].
-    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
-    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    U(-eps, eps) (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
-    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
-    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
-    chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x = x.detach()
-    if torch.is_tensor(epsilon):  # one radius per example, broadcast over the image
-        epsilon = epsilon.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+               delta_mask=None, norm="linf"):
+    """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
+    ||x' - x|| <= epsilon per example, in [0, 1]: each step (the gradient's sign, or the gradient over its L2 norm)
+    is projected onto the ball, then into [0, 1]. epsilon: one radius, or one per example (a tensor (N,): CFA's
+    class-wise margins). loss: "ce" cross-entropy, "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl"
+    TRADES's KL(p(x) || p(x')). random_start: "uniform" in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the
+    official TRADES and MART code) or None, drawn from `generator` (default: the global one). delta_mask: None, or
+    a function returning a 0/1 mask (or None) that multiplies delta before every forward pass (PRM). A model that
+    gives no gradient is not moved. The caller chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # one number per example, broadcast over its image
+    epsilon = epsilon.to(x.device, x.dtype).view(per_example) if torch.is_tensor(epsilon) else epsilon
+
+    def l2(v):  # never 0: a zero vector divided by it stays zero
+        return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
+
+    def project(delta):  # onto the ball (clamping into [0, 1] then only shortens delta)
+        delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
+        return (x + delta).clamp_(0, 1) - x
+
     if loss == "kl":
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
-    if random_start == "uniform":
+    if random_start == "uniform" and norm == "linf":  # U(-eps, eps) in every coordinate
         delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * epsilon
+    elif random_start == "uniform":  # uniform in the L2 ball: a Gaussian's direction, radius eps * U^(1/dimensions)
+        delta = torch.randn(x.shape, generator=generator, device=x.device)
+        radius = torch.rand(len(x), generator=generator, device=x.device).pow(1 / x[0].numel()).view(per_example)
+        delta = delta / l2(delta) * radius * epsilon
     elif random_start == "normal":
-        delta = (0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp_(-epsilon, epsilon)
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device)
     else:
         delta = torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    delta = project(delta)
     for _ in range(steps):
         mask = delta_mask() if delta_mask is not None else None
         delta = (delta * mask if mask is not None else delta).requires_grad_(True)
@@ -243,8 +268,8 @@ def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="
         else:
             objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
         grad = torch.autograd.grad(objective, delta, allow_unused=True)[0] if objective.requires_grad else None
-        delta = (delta.detach() + step_size * (grad.sign() if grad is not None else 0)).clamp_(-epsilon, epsilon)
-        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+        grad = torch.zeros_like(x) if grad is None else grad
+        delta = project(delta.detach() + step_size * (grad.sign() if norm == "linf" else grad / l2(grad)))
     return (x + delta).detach()
 
 
@@ -254,28 +279,29 @@ def cw_margin(logits, y):
     return others.amax(dim=1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_size, device, generator=None, desc=""):
-    """Per image of x_all (uint8): whether `model` classifies it correctly, clean (loss None) or under PGD on `loss`
-    ("ce", "cw") with a uniform random start from `generator`. A bool tensor on `device`."""
+def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_size, device, generator=None, desc="",
+                 norm="linf"):
+    """Per image of x_all (uint8): whether `model` classifies it correctly, clean (loss None) or under PGD in the
+    `norm` ball on `loss` ("ce", "cw") with a uniform random start from `generator`. A bool tensor on `device`."""
     model.eval()
     flags = []
     for i in utils.progress(range(0, len(x_all), batch_size), desc=desc, disable=None if desc else True):
         x, y = utils.to_float(x_all[i : i + batch_size].to(device)), y_all[i : i + batch_size].to(device)
         if loss is not None:
-            x = pgd_attack(model, x, y, epsilon, step_size, steps, loss=loss, generator=generator)
+            x = pgd_attack(model, x, y, epsilon, step_size, steps, loss=loss, generator=generator, norm=norm)
         with torch.no_grad():
             flags.append(model(x).argmax(1) == y)
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)
 
 
-def autoattack_flags(model, x, y, epsilon, version, attacks, seed, batch_size, device):
+def autoattack_flags(model, x, y, epsilon, version, attacks, seed, batch_size, device, norm="linf"):
     """(per image of x (float in [0, 1]): whether it stays correctly classified under AutoAttack, the attacks it ran),
     counted as pyautoattack's run_standard_evaluation counts: it returns the label of each adversarial example, or
     the clean prediction where no attack succeeded, so y_adv == y are its robust flags. Flags on the CPU."""
     from pyautoattack import AutoAttack
 
     model.eval()
-    adversary = AutoAttack(model, norm="Linf", eps=epsilon, version=version,
+    adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=epsilon, version=version,
                            attacks=attacks if version == "custom" else None, seed=seed, device=device)
     with torch.no_grad():
         num_classes = model(x[:1].to(device)).shape[1]
@@ -317,6 +343,8 @@ def load_model(path, args):
         model, info = user_model(args.model)
     else:
         model, info = project_model(Path(path)) if args.arch is None else state_dict_model(Path(path), args)
+    info = {"weights": "trained", "epoch": None, "epochs": None, "image_shape": None, "dataset": None,
+            "data_dir": None, "image_size": None, **info}  # what a loader cannot know
     for key, tensor in model.state_dict().items():  # every number measured on such weights would be meaningless
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             value = tensor[~torch.isfinite(tensor)].flatten()[0].item()
@@ -558,16 +586,16 @@ def load_test_images(info, ckpt, args, cache):
 def measure(model, x, y, attack, args, device, desc):
     """One attack on the images x (uint8) of one model: the result row's measured fields, with the accuracy of every
     class among the images and the worst class's (CFA's fairness measure)."""
-    eps = args.epsilon / 255
+    eps, step = utils.radii(args)
     if attack == "aa":
         flags, ran = autoattack_flags(model, utils.to_float(x), y, eps, args.aa_version, args.aa_attacks, args.seed,
-                                      args.batch_size, device)
+                                      args.batch_size, device, args.norm)
         extra = {"aa_version": args.aa_version, "aa_attacks": ran}
     else:
         attacked = ExpectedLogits(model, args.eot_draws) if attack == "eot20" else model
-        flags = attack_flags(attacked, x, y, ATTACK_LOSSES[attack], eps, args.step_size / 255, 20, args.batch_size,
-                             device, desc=desc).cpu()
-        extra = {} if attack == "clean" else {"steps": 20, "step_size_255": args.step_size}
+        flags = attack_flags(attacked, x, y, ATTACK_LOSSES[attack], eps, step, 20, args.batch_size, device, desc=desc,
+                             norm=args.norm).cpu()
+        extra = {} if attack == "clean" else {"steps": 20, "step_size": step, "step_size_255": 255 * step}
         extra.update({"draws": args.eot_draws} if attack == "eot20" else {})
     classes, y = torch.unique(y.cpu()), y.cpu()
     accuracy = [float(flags[y == c].float().mean()) for c in classes]
@@ -617,7 +645,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
         which = "all" if images["subset"] == "all" else f"{images['subset']} subset"
         epoch = f", epoch {info['epoch']}" if info["epoch"] else ""
         print(f"{ckpt}: {info['arch']} ({info['method']}{epoch}) on {len(y)} {images['dataset']} test images "
-              f"({which}), {device}{', bf16 autocast' if args.amp else ''}")
+              f"({which}), {utils.threat_model(args.norm, args.epsilon)}, {device}"
+              f"{', bf16 autocast' if args.amp else ''}")
         common = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
                   "weights": info["weights"], "arch": info["arch"], "epoch": info["epoch"],
                   "dataset": images["dataset"], "subset": images["subset"], "n": len(y), "seed": args.seed,
@@ -630,8 +659,9 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
         for attack in attacks:
             utils.seed_everything(args.seed)  # each number is reproducible on its own
             start, same = time.time(), (info["fingerprint"], images["key"], attack)
-            row = {**common, "attack": attack, "epsilon": 0.0 if attack == "clean" else args.epsilon / 255,
-                   "epsilon_255": 0.0 if attack == "clean" else args.epsilon}
+            eps = 0.0 if attack == "clean" else utils.radii(args)[0]  # clean accuracy has no threat model
+            row = {**common, "attack": attack, "norm": None if attack == "clean" else args.norm, "epsilon": eps,
+                   "epsilon_255": args.epsilon if eps and args.norm == "linf" else 255 * eps}
             if same in measured:
                 earlier = measured[same]
                 row.update({k: v for k, v in earlier.items() if k not in row and k != "seconds"}, seconds=0.0,
@@ -643,8 +673,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
             print(f"  {role:10s} {attack:6s} {100 * row['accuracy']:6.2f}%  ({row['correct']}/{len(y)}, "
                   f"{row['seconds']:.1f} s)", flush=True)
             new_rows.append(row)
-            saved["results"] = [r for r in saved["results"]
-                                if (r["run"], r["role"], r["attack"]) != (run, role, attack)] + [row]
+            saved["results"] = [r for r in saved["results"] if (r["run"], r["role"], r["attack"], threat_of(r)) !=
+                                (run, role, attack, threat_of(row))] + [row]  # another eps or norm's row stays
             save_results(saved, json_path)
         if landscape:  # beside the results: RUN/final.landscape.*, CKPT.landscape.*, with --out RUN_NAME.final.*
             name = output_stem(run, ckpt, role, is_run_dir, args.out)
@@ -685,28 +715,39 @@ def read_results(path):
 
 
 def save_results(saved, json_path):
-    saved["script"] = "evaluate.py"
-    saved["table"] = table_i(saved["results"])
-    for t in saved["table"].values():
-        t["n"], t["notes"] = sorted(t["n"]), sorted(t["notes"])
+    saved["script"], groups = "evaluate.py", threat_groups(saved["results"])
+    saved["table"] = {run if len(groups) == 1 else f"{run} ({threat})": entry for threat, rows in groups.items()
+                      for run, entry in table_i(rows).items()}
     utils.save_json(saved, json_path)
 
 
+def threat_of(row):
+    """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
+    norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
+    epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
+    return None if row["attack"] == "clean" else utils.threat_model(norm, epsilon)
+
+
+def threat_groups(rows):
+    """{threat model: its rows and the clean rows}: no table puts two threat models (or radii) side by side."""
+    threats = dict.fromkeys(threat_of(r) for r in rows if r["attack"] != "clean") or [None]
+    return {threat: [r for r in rows if threat_of(r) in (threat, None)] for threat in threats}
+
+
 def table_i(rows):
-    """{run: {"dataset", "method", "n", "notes", attack: {"best", "final", "diff", "best_worst", "final_worst"}}}
-    from result rows; a checkpoint that is neither best.pt nor final.pt fills the Best column. Diff is
-    |Best - Final| (Table I); *_worst the worst class's accuracy."""
+    """{run: {"dataset", "method", "threat", "n", "notes", attack: {"best", "final", "diff", "best_worst",
+    "final_worst"}}} from result rows of one threat model; a checkpoint that is neither best.pt nor final.pt fills
+    the Best column. Diff is |Best - Final| (Table I); *_worst the worst class's accuracy."""
     runs = {}
     for row in rows:
-        run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "n": set(),
-                                           "notes": set()})
+        run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "threat": None,
+                                           "n": set(), "notes": set()})
+        run["threat"] = run["threat"] or threat_of(row)
         column = "final" if row["role"] == "final" else "best"
         run.setdefault(row["attack"], {})[column] = row["accuracy"]
         if row.get("worst_class_accuracy") is not None:
             run[row["attack"]][f"{column}_worst"] = row["worst_class_accuracy"]
         run["n"].add(row["n"])
-        if row["attack"] != "clean" and row.get("epsilon_255") != 8:
-            run["notes"].add(f"eps {row.get('epsilon_255'):g}/255")
         if row["attack"] == "aa" and row.get("aa_version") != "standard":
             run["notes"].add(f"AA {row.get('aa_version')} ({','.join(row.get('aa_attacks') or [])})")
         if row.get("no_gradient") and row["attack"] != "clean":
@@ -714,6 +755,7 @@ def table_i(rows):
         if row.get("amp") and row["attack"] != "clean":
             run["notes"].add(f"{ATTACK_TITLES[row['attack']]} in bf16")
     for run in runs.values():
+        run["n"], run["notes"] = sorted(run["n"]), sorted(run["notes"])
         for attack in ATTACK_TITLES:
             cell = run.get(attack)
             if cell and "best" in cell and "final" in cell:
@@ -722,29 +764,33 @@ def table_i(rows):
 
 
 def markdown_table(rows, worst_class=False, paper=None):
-    """Table I as markdown: a row per run, Best | Final | Diff (in %) of Clean, PGD20, CW and AA; with worst_class
-    the worst class's Best and Final too (CFA's fairness measure); with paper (a data set of PAPER_TABLE_I) the
-    paper's row under each method it reports."""
+    """Table I as markdown, one table per threat model (named above it): a row per run, Best | Final | Diff (in %)
+    of Clean, PGD20, CW and AA; with worst_class the worst class's Best and Final too (CFA's fairness measure); with
+    paper (a data set of PAPER_TABLE_I) the paper's row under each method it reports, beside L-inf eps 8/255 only."""
     columns = ("best", "final", "diff") + (("best_worst", "final_worst") if worst_class else ())
     titles = {"best": "Best", "final": "Final", "diff": "Diff", "best_worst": "Best worst",
               "final_worst": "Final worst"}
     attacks = [*ATTACKS, *(["eot20"] if any(r["attack"] == "eot20" for r in rows) else [])]
     header = ["Run", "Dataset", "Method"] + [f"{ATTACK_TITLES[a]} {titles[c]}" for a in attacks for c in columns]
-    lines = ["| " + " | ".join(header + ["n", "notes"]) + " |", "|" + "---|" * (len(header) + 2)]
-    for run, t in table_i(rows).items():
-        cells = [Path(run).name, str(t["dataset"]), str(t["method"])]
-        for attack in attacks:
-            cell = t.get(attack, {})
-            cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in columns]
-        cells += ["/".join(str(n) for n in sorted(t["n"])), "; ".join(sorted(t["notes"]))]
-        lines.append("| " + " | ".join(cells) + " |")
-        reported = (PAPER_TABLE_I.get(paper) or {}).get(t["method"])
-        if reported:
-            cells = ["", f"paper ({paper})", str(t["method"])]
-            for triple in reported + [("–",) * 3] * (len(attacks) - len(reported)):
-                cells += [f"{v:.2f}" if v != "–" else v for v in triple] + ["–"] * (len(columns) - 3)
-            lines.append("| " + " | ".join(cells + ["", "ResNet-18, the paper's Table I"]) + " |")
-    return "\n".join(lines) + "\n"
+    tables = []
+    for threat, group in threat_groups(rows).items():
+        lines = [f"**Threat model: {threat or 'none (clean accuracy only)'}**", "",
+                 "| " + " | ".join(header + ["n", "notes"]) + " |", "|" + "---|" * (len(header) + 2)]
+        for run, t in table_i(group).items():
+            cells = [Path(run).name, str(t["dataset"]), str(t["method"])]
+            for attack in attacks:
+                cell = t.get(attack, {})
+                cells += [f"{100 * cell[c]:.2f}" if c in cell else "–" for c in columns]
+            cells += ["/".join(map(str, t["n"])), "; ".join(t["notes"])]
+            lines.append("| " + " | ".join(cells) + " |")
+            reported = (PAPER_TABLE_I.get(paper) or {}).get(t["method"]) if threat == "L-inf eps 8/255" else None
+            if reported:
+                cells = ["", f"paper ({paper})", str(t["method"])]
+                for triple in reported + [("–",) * 3] * (len(attacks) - len(reported)):
+                    cells += [f"{v:.2f}" if v != "–" else v for v in triple] + ["–"] * (len(columns) - 3)
+                lines.append("| " + " | ".join(cells + ["", "ResNet-18, the paper's Table I"]) + " |")
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
 
 
 def print_table(args):
@@ -785,7 +831,7 @@ def sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, ca
 
     epsilons = tuple(sorted({0.0, args.epsilon, *args.sanity_epsilons}))
     settings = checklist.SanitySettings(
-        epsilon=args.epsilon, step_size=args.step_size, epsilons=epsilons,
+        norm=args.norm, epsilon=args.epsilon, step_size=args.step_size, epsilons=epsilons,
         long_steps=args.sanity_steps, restarts=args.sanity_restarts, square_queries=args.sanity_square_queries,
         batch_size=args.batch_size, seed=args.seed, device=str(device), bf16=args.amp)
     saved, entries = read_results(json_path), []
@@ -797,19 +843,22 @@ def sanity_run(run, checkpoints, json_path, is_run_dir, models, args, device, ca
             x, y, images = load_test_images(info, ckpt, argparse.Namespace(**{**vars(args), "n_examples":
                                                                                checklist.SANITY_N}), cache)
         print(f"{ckpt}: sanity checks of {info['arch']} ({info['method']}) on {len(y)} {images['dataset']} test "
-              f"images, eps {args.epsilon:g}/255, {device}{', bf16 autocast' if args.amp else ''}")
+              f"images, {utils.threat_model(args.norm, args.epsilon)}, {device}{', bf16 autocast' if args.amp else ''}")
         same = (info["fingerprint"], images["key"], settings)
         entry = {"run": run, "checkpoint": str(ckpt), "role": role, "kind": info["kind"], "method": info["method"],
                  "arch": info["arch"], "epoch": info["epoch"], "dataset": images["dataset"], "subset": images["subset"],
                  "n": len(y), "seed": args.seed, "device": str(device), "amp": args.amp,
                  "settings": dataclasses.asdict(settings)}
         png = json_path.parent / f"{output_stem(run, ckpt, role, is_run_dir, args.out)}.sanity.png"
-        title = f"{info['method']} ({role}): sanity, {len(y)} {images['dataset']} images, eps {args.epsilon:g}/255"
+        title = (f"{info['method']} ({role}): sanity, {len(y)} {images['dataset']} images, "
+                 f"{utils.threat_model(args.norm, args.epsilon)}")
         net = checklist.Bf16Autocast(model.to(device)) if args.amp else model.to(device)  # sanity.py's: it unwraps it
         entry.update(checklist.check_checkpoint(net, x, y, settings, role, png, title, checked.get(same)))
         checked.setdefault(same, entry)
         model.cpu()
-        saved["sanity"] = [e for e in saved["sanity"] if (e["run"], e["role"]) != (run, role)] + [entry]
+        mine = (run, role, args.norm, args.epsilon)  # the entries of another norm or eps stay
+        saved["sanity"] = [e for e in saved["sanity"] if (e["run"], e["role"], e["settings"].get("norm", "linf"),
+                                                          e["settings"]["epsilon"]) != mine] + [entry]
         save_results(saved, json_path)
         entries.append(entry)
     return entries
@@ -859,16 +908,18 @@ def robustness_curve(run, ckpt, models, args, device, cache, found):
     if key in found:
         return found[key]
     net = Bf16Autocast(model.to(device)) if args.amp else model.to(device)
+    unit = utils.NORM_UNITS[args.norm]  # the flags' eps (1/255 for L-inf) -> the attacks' [0, 1] units
     for attack in args.curve_attacks:
         correct = []
         for e in args.curve_epsilons:
             utils.seed_everything(args.seed)
-            flags = (autoattack_flags(net, utils.to_float(x), y, e / 255, args.aa_version, args.aa_attacks, args.seed,
-                                      args.batch_size, device)[0] if attack == "aa" and e else
-                     attack_flags(net, x, y, "ce" if e else None, e / 255, e / 4 / 255, 20, args.batch_size, device))
+            flags = (autoattack_flags(net, utils.to_float(x), y, e / unit, args.aa_version, args.aa_attacks, args.seed,
+                                      args.batch_size, device, norm=args.norm)[0] if attack == "aa" and e else
+                     attack_flags(net, x, y, "ce" if e else None, e / unit, e / 4 / unit, 20, args.batch_size, device,
+                                  norm=args.norm))
             correct.append(int(flags.sum()))
             print(f"  curve {Path(ckpt).stem:6s} {attack:5s} eps {e:g}: {100 * correct[-1] / len(y):.2f}%", flush=True)
-        curves.append({"run": run, "method": info["method"], "attack": attack, "norm": "linf",
+        curves.append({"run": run, "method": info["method"], "attack": attack, "norm": args.norm,
                        "epsilons": list(args.curve_epsilons), "correct": correct, "n": len(y),
                        "accuracy": [c / len(y) for c in correct], "seed": args.seed, "indices": images["indices"]})
     model.cpu()

@@ -29,27 +29,39 @@ NOT_FLAGS = {"out_dir", "resume", "typed", "device", "track", "wandb_project", "
 
 
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
-               delta_mask=None):
-    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x' - x||_inf <= epsilon, in [0, 1].
-    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
-    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    U(-eps, eps) (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
-    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
-    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
-    chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x = x.detach()
-    if torch.is_tensor(epsilon):  # one radius per example, broadcast over the image
-        epsilon = epsilon.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+               delta_mask=None, norm="linf"):
+    """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
+    ||x' - x|| <= epsilon per example, in [0, 1]: each step (the gradient's sign, or the gradient over its L2 norm)
+    is projected onto the ball, then into [0, 1]. epsilon: one radius, or one per example (a tensor (N,): CFA's
+    class-wise margins). loss: "ce" cross-entropy, "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl"
+    TRADES's KL(p(x) || p(x')). random_start: "uniform" in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the
+    official TRADES and MART code) or None, drawn from `generator` (default: the global one). delta_mask: None, or
+    a function returning a 0/1 mask (or None) that multiplies delta before every forward pass (PRM). A model that
+    gives no gradient is not moved. The caller chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # one number per example, broadcast over its image
+    epsilon = epsilon.to(x.device, x.dtype).view(per_example) if torch.is_tensor(epsilon) else epsilon
+
+    def l2(v):  # never 0: a zero vector divided by it stays zero
+        return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
+
+    def project(delta):  # onto the ball (clamping into [0, 1] then only shortens delta)
+        delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
+        return (x + delta).clamp_(0, 1) - x
+
     if loss == "kl":
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
-    if random_start == "uniform":
+    if random_start == "uniform" and norm == "linf":  # U(-eps, eps) in every coordinate
         delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * epsilon
+    elif random_start == "uniform":  # uniform in the L2 ball: a Gaussian's direction, radius eps * U^(1/dimensions)
+        delta = torch.randn(x.shape, generator=generator, device=x.device)
+        radius = torch.rand(len(x), generator=generator, device=x.device).pow(1 / x[0].numel()).view(per_example)
+        delta = delta / l2(delta) * radius * epsilon
     elif random_start == "normal":
-        delta = (0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp_(-epsilon, epsilon)
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device)
     else:
         delta = torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    delta = project(delta)
     for _ in range(steps):
         mask = delta_mask() if delta_mask is not None else None
         delta = (delta * mask if mask is not None else delta).requires_grad_(True)
@@ -61,8 +73,8 @@ def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="
         else:
             objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
         grad = torch.autograd.grad(objective, delta, allow_unused=True)[0] if objective.requires_grad else None
-        delta = (delta.detach() + step_size * (grad.sign() if grad is not None else 0)).clamp_(-epsilon, epsilon)
-        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+        grad = torch.zeros_like(x) if grad is None else grad
+        delta = project(delta.detach() + step_size * (grad.sign() if norm == "linf" else grad / l2(grad)))
     return (x + delta).detach()
 
 
@@ -90,7 +102,7 @@ def filter_normalized_direction(model, generator):
     return direction
 
 
-def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_size, desc="landscape"):
+def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_size, desc="landscape", norm="linf"):
     """(loss, accuracy) grids: loss[i, j] the mean CE on the fixed batch (x, y) of the model with the weights
     theta + coords[i]*d1 + coords[j]*d2, under PGD made against those weights from the same random start. The
     weights are passed in (torch.func.functional_call): the model's own are never touched."""
@@ -106,7 +118,7 @@ def loss_landscape(model, x, y, epsilon, step_size, steps, coords, seed, batch_s
         total, correct = 0.0, 0
         for k in range(0, len(x), batch_size):
             xb, yb = x[k : k + batch_size], y[k : k + batch_size]
-            x_adv = pgd_attack(perturbed, xb, yb, epsilon, step_size, steps)
+            x_adv = pgd_attack(perturbed, xb, yb, epsilon, step_size, steps, norm=norm)
             with torch.no_grad():
                 logits = perturbed(x_adv)
             total += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -122,21 +134,23 @@ def landscape_for(model, x, y, args, device, common, stem):
     start, n = time.time(), min(args.landscape_batch, len(x))
     xb, yb = utils.to_float(x[:n].to(device)), y[:n].to(device)
     coords = np.linspace(-args.landscape_range, args.landscape_range, args.landscape_steps)
-    loss, accuracy = loss_landscape(model, xb, yb, args.epsilon / 255, args.step_size / 255, args.landscape_pgd_steps,
-                                    coords, args.seed, args.batch_size, desc=f"{common['role']} landscape")
+    loss, accuracy = loss_landscape(model, xb, yb, *utils.radii(args), args.landscape_pgd_steps, coords, args.seed,
+                                    args.batch_size, desc=f"{common['role']} landscape", norm=args.norm)
     npz, png = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".png")
     utils.atomic_write(npz, lambda f: np.savez(f, a=coords, b=coords, loss=loss, accuracy=accuracy,
-                                               epsilon=args.epsilon / 255, pgd_steps=args.landscape_pgd_steps, n=n))
+                                               epsilon=utils.radii(args)[0], norm=args.norm,
+                                               pgd_steps=args.landscape_pgd_steps, n=n))
     fig = Figure(figsize=(6.5, 5))
     ax = fig.add_subplot(projection="3d")
     ax.plot_surface(*np.meshgrid(coords, coords, indexing="ij"), loss, cmap="viridis", linewidth=0, antialiased=True)
     ax.set(xlabel="a (direction d1)", ylabel="b (direction d2)", zlabel="adversarial CE",
-           title=f"{common['method']} ({common['role']}): PGD-{args.landscape_pgd_steps} CE, {n} images")
+           title=f"{common['method']} ({common['role']}): PGD-{args.landscape_pgd_steps} CE, "
+                 f"{utils.threat_model(args.norm, args.epsilon)}, {n} images")
     fig.tight_layout()
     utils.atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=110))
     center = len(coords) // 2
     entry = {**common, "npz": str(npz), "png": str(png), "steps": args.landscape_steps, "range": args.landscape_range,
-             "batch": n, "pgd_steps": args.landscape_pgd_steps, "epsilon": args.epsilon / 255,
+             "batch": n, "pgd_steps": args.landscape_pgd_steps, "norm": args.norm, "epsilon": utils.radii(args)[0],
              "loss_min": float(loss.min()), "loss_max": float(loss.max()),
              "loss_center": float(loss[center, center]) if len(coords) % 2 else None, "seconds": time.time() - start}
     print(f"  landscape {args.landscape_steps}x{args.landscape_steps} in [-{args.landscape_range:g}, "
@@ -193,42 +207,39 @@ def compare(rows, titles, out=None):
     column title, in table order."""
     out = out and utils.check_output(out, "--out", lambda path: path.read_bytes().startswith(  # what it writes
         b'{\n  "script": "evaluate.py --compare"'))
-    groups = {}  # configuration -> {run: {(role, attack): row}}
+    groups = {}  # configuration -> {run: {(role, attack, threat model): row}}
     for row in rows:  # every run's result rows
         if "per_image" not in row:
             raise utils.UserError(f"{row['run']} was evaluated before results kept per-image correctness; "
                                   "evaluate it again")
         role = row["role"] if row["role"] in ("best", "final") else "checkpoint"
         config = json.dumps(row.get("flags") or {"method": row["method"]}, sort_keys=True, default=str)
-        groups.setdefault(config, {}).setdefault(row["run"], {})[(role, row["attack"])] = row
+        groups.setdefault(config, {}).setdefault(row["run"], {})[(role, row["attack"], threat_of(row))] = row
     names = configuration_names({c: next(iter(next(iter(r.values())).values()))["method"] for c, r in groups.items()})
     if len(groups) < 2:
-        raise utils.UserError(f"--compare needs results of at least two configurations; the {len({r['run'] for r in rows})} "
-                              f"given are seeds of one ({next(iter(names.values()))})")
+        raise utils.UserError(f"--compare needs results of at least two configurations; the "
+                              f"{len({r['run'] for r in rows})} given are seeds of one ({next(iter(names.values()))})")
     (reference, reference_runs), *others = groups.items()
     results, lines = [], ["| Method | vs | Checkpoint | Attack | Accuracy | Reference | Diff | 95 % CI (images) | "
                           "95 % CI (seeds) | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|"]
     for config, runs in others:
-        cells = sorted(set.intersection(*(set(r) for r in (*reference_runs.values(), *runs.values()))),
-                       key=lambda c: (c[0], list(titles).index(c[1])))
-        for role, attack in cells:
-            rows = [r[(role, attack)] for r in (*reference_runs.values(), *runs.values())]
-            for key, what in COMPARED.items():
-                setting = [r.get(key, "linf" if key == "norm" else None) for r in rows]
-                odd = next((i for i, v in enumerate(setting) if v != setting[0]), None)
-                if odd is not None:
-                    shown = "" if key == "indices" else f": {setting[odd]} vs {setting[0]}"
-                    raise utils.UserError(f"{rows[odd]['run']} and {rows[0]['run']} were not evaluated on the same "
-                                          f"{what} ({attack}, {role}{shown}); evaluate both with the same settings")
-            stats = compare_flags([r[(role, attack)]["per_image"] for r in reference_runs.values()],
-                                  [r[(role, attack)]["per_image"] for r in runs.values()])
+        everyone = (*reference_runs.values(), *runs.values())
+        cells = sorted(set.intersection(*(set(r) for r in everyone)),
+                       key=lambda c: (c[2] or "", c[0], list(titles).index(c[1])))
+        for role, attack in set.intersection(*({c[:2] for c in r} for r in everyone)) - {c[:2] for c in cells}:
+            measured_alike([next(v for c, v in r.items() if c[:2] == (role, attack)) for r in everyone], role, attack)
+        for role, attack, threat in cells:  # never two threat models (or radii) compared with each other
+            measured_alike([r[(role, attack, threat)] for r in everyone], role, attack)
+            stats = compare_flags([r[(role, attack, threat)]["per_image"] for r in reference_runs.values()],
+                                  [r[(role, attack, threat)]["per_image"] for r in runs.values()])
             results.append({"method": names[config], "reference": names[reference], "role": role, "attack": attack,
-                            **stats})
+                            "threat": threat, **stats})
             t = f"[{100 * stats['t_low']:+.1f}, {100 * stats['t_high']:+.1f}]" if stats["t_low"] is not None else "–"
-            lines.append(f"| {names[config]} | {names[reference]} | {role} | {titles[attack]} | "
-                         f"{100 * stats['accuracy']:.2f} | {100 * stats['reference_accuracy']:.2f} | "
-                         f"{100 * stats['diff']:+.2f} | [{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] "
-                         f"| {t} | {stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")
+            lines.append(f"| {names[config]} | {names[reference]} | {role} | {titles[attack]}"
+                         f"{f' ({threat})' if threat else ''} | {100 * stats['accuracy']:.2f} | "
+                         f"{100 * stats['reference_accuracy']:.2f} | {100 * stats['diff']:+.2f} | "
+                         f"[{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] | {t} | "
+                         f"{stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")
     if not results:
         raise utils.UserError("no attack was measured on the same checkpoints of every run")
     table = "\n".join(lines) + (f"\n\nin %; seeds: {', '.join(f'{names[c]} {len(r)}' for c, r in groups.items())}; "
@@ -239,6 +250,25 @@ def compare(rows, titles, out=None):
             names[c]: list(r) for c, r in groups.items()}, "comparisons": results}, out)
         print(f"wrote {out}")
     return {"comparisons": results, "table": table}
+
+
+def measured_alike(rows, role, attack):
+    """One UserError unless the result rows of one cell were measured alike (COMPARED): the same data set, images,
+    threat model, attack settings and precision."""
+    for key, what in COMPARED.items():
+        setting = [r.get(key, "linf" if key == "norm" else None) for r in rows]
+        odd = next((i for i, v in enumerate(setting) if v != setting[0]), None)
+        if odd is not None:
+            shown = "" if key == "indices" else f": {setting[odd]} vs {setting[0]}"
+            raise utils.UserError(f"{rows[odd]['run']} and {rows[0]['run']} were not evaluated on the same {what} "
+                                  f"({attack}, {role}{shown}); evaluate both with the same settings")
+
+
+def threat_of(row):
+    """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
+    norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
+    epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
+    return None if row["attack"] == "clean" else utils.threat_model(norm, epsilon)
 
 
 def configuration_names(methods):
@@ -271,7 +301,7 @@ def wilson(correct, n, z=1.96):
     return max(0.0, float(center - half)), min(1.0, float(center + half))
 
 
-def threat_model(rows):
+def robustbench_threat(rows):
     """(norm, eps as RobustBench writes it) of result rows: "8/255" under L-inf, "0.5" under L2 (rows without a
     "norm" are L-inf)."""
     row = next((r for r in rows if r["attack"] != "clean"), None)
@@ -303,7 +333,7 @@ def card_entry(rows, reported, checkpoint, script, training_args, defaults, sani
         if row["attack"] == "pgd20" and "class_n" in row:  # rows of older versions lack the classes' counts
             results[row["role"]]["worst_class"] = cell(row, row["worst_class"])
     first = next(r for r in rows if r["role"] == reported)
-    norm, eps = threat_model(rows)
+    norm, eps = robustbench_threat(rows)
     aa = next((r for r in rows if r["role"] == reported and r["attack"] == "aa"), None)
     return {"run": first["run"], "reported": reported, "method": first["method"], "arch": first["arch"],
             "dataset": first["dataset"], "epoch": first["epoch"], "epochs": training_args.get("epochs"),
@@ -346,7 +376,7 @@ def train_command(script, saved, defaults):
 def eval_command(run, rows):
     """The evaluate.py command that measures these rows again, from what the rows record."""
     attacks = ",".join(dict.fromkeys(r["attack"] for r in rows))
-    first, norm = rows[0], threat_model(rows)[0]
+    first, norm = rows[0], robustbench_threat(rows)[0]
     words = ["python", "evaluate.py", run, "--attacks", attacks]
     if first["subset"] != "all":
         words += ["--n-examples", str(first["n"]), "--subset", first["subset"]]

@@ -6,7 +6,8 @@ it means and what to do:
   gradients        share of images whose input gradient (CE, CW margin) is exactly zero or non-finite; per image and
                    coordinate (partial masking): exactly-zero coordinates the output still moves along, and autograd's
                    directional derivative against a finite difference (float64)
-  eps sweep        PGD-20 at eps 0,2,4,8,16,32,64/255: eps 0 = clean, never rising, about 0 at the largest
+  eps sweep        PGD-20 at eps 0,2,4,8,16,32,64/255 (L2: 0,0.125,...,4): eps 0 = clean, never rising, about 0
+                   at the largest
   attack strength  PGD with 5x the steps and restarts, and one-step FGSM, against PGD-20
   loss choice      the CW margin against cross-entropy
   black box        Square (pyautoattack) against every white-box attack
@@ -22,6 +23,7 @@ ResNet-18, 8-12x for a PGD-AT small-cnn at 22 % PGD-20, about 20x for a ResNet-1
 
 import copy
 import dataclasses
+import functools
 import logging
 import time
 
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 import utils
 
-SANITY_EPSILONS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the epsilon sweep, 1/255 units (evaluate.py's default)
+SANITY_EPSILONS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the eps sweep, 1/255 units; L2: 1/16 of it (evaluate.py's)
 SANITY_N = 500  # test images of the checklist when --n-examples is not given
 Z = 2.0  # a gap is flagged only when it exceeds its tolerance by Z standard errors (one-sided, ~98 %)
 # Tolerated accuracy gaps (WARN above the first, FAIL above the second): honest models show ~0-2 points
@@ -68,11 +70,13 @@ ZERO_SHARE, ZERO_LIVE = 0.01, 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class SanitySettings:
-    """What the checklist runs; epsilon, step size and the sweep in 1/255 units, as the flags."""
+    """What the checklist runs; epsilon, step size and the sweep in --norm's units, as the flags (L-inf: 1/255, L2:
+    [0, 1]), by default evaluate.py's."""
 
-    epsilon: float = 8.0
-    step_size: float = 2.0
-    epsilons: tuple = SANITY_EPSILONS
+    norm: str = "linf"
+    epsilon: float = None  # 8/255 (L-inf), 0.5 (L2)
+    step_size: float = None  # 2/255 (L-inf), eps/4 (L2)
+    epsilons: tuple = None  # SANITY_EPSILONS (L-inf), SANITY_EPSILONS / 16 (L2): 0 ... 4
     long_steps: int = 100  # 5x PGD-20's steps, at half its step size
     restarts: int = 3
     square_queries: int = 1000
@@ -81,6 +85,13 @@ class SanitySettings:
     device: str = "cpu"
     bf16: bool = False  # the model runs under bf16 autocast: looser logit tolerances
     eot_draws: int = 8  # a randomised model: EOT-PGD-20 averages the gradient over this many draws per step
+
+    def __post_init__(self):  # frozen: the norm's defaults set through object.__setattr__
+        linf, set_ = self.norm == "linf", functools.partial(object.__setattr__, self)
+        set_("epsilon", utils.EPSILONS[self.norm] if self.epsilon is None else self.epsilon)
+        set_("step_size", (2.0 if linf else self.epsilon / 4) if self.step_size is None else self.step_size)
+        set_("epsilons", tuple(e / (1 if linf else 16) for e in SANITY_EPSILONS) if self.epsilons is None else
+             tuple(self.epsilons))
 
 
 def sanity_result(name, group, status, numbers, detail, meaning):
@@ -123,27 +134,39 @@ def predict(model, x, batch_size, device):
 
 
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
-               delta_mask=None):
-    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x' - x||_inf <= epsilon, in [0, 1].
-    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
-    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    U(-eps, eps) (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
-    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
-    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
-    chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x = x.detach()
-    if torch.is_tensor(epsilon):  # one radius per example, broadcast over the image
-        epsilon = epsilon.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+               delta_mask=None, norm="linf"):
+    """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
+    ||x' - x|| <= epsilon per example, in [0, 1]: each step (the gradient's sign, or the gradient over its L2 norm)
+    is projected onto the ball, then into [0, 1]. epsilon: one radius, or one per example (a tensor (N,): CFA's
+    class-wise margins). loss: "ce" cross-entropy, "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl"
+    TRADES's KL(p(x) || p(x')). random_start: "uniform" in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the
+    official TRADES and MART code) or None, drawn from `generator` (default: the global one). delta_mask: None, or
+    a function returning a 0/1 mask (or None) that multiplies delta before every forward pass (PRM). A model that
+    gives no gradient is not moved. The caller chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # one number per example, broadcast over its image
+    epsilon = epsilon.to(x.device, x.dtype).view(per_example) if torch.is_tensor(epsilon) else epsilon
+
+    def l2(v):  # never 0: a zero vector divided by it stays zero
+        return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
+
+    def project(delta):  # onto the ball (clamping into [0, 1] then only shortens delta)
+        delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
+        return (x + delta).clamp_(0, 1) - x
+
     if loss == "kl":
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
-    if random_start == "uniform":
+    if random_start == "uniform" and norm == "linf":  # U(-eps, eps) in every coordinate
         delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * epsilon
+    elif random_start == "uniform":  # uniform in the L2 ball: a Gaussian's direction, radius eps * U^(1/dimensions)
+        delta = torch.randn(x.shape, generator=generator, device=x.device)
+        radius = torch.rand(len(x), generator=generator, device=x.device).pow(1 / x[0].numel()).view(per_example)
+        delta = delta / l2(delta) * radius * epsilon
     elif random_start == "normal":
-        delta = (0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp_(-epsilon, epsilon)
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device)
     else:
         delta = torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    delta = project(delta)
     for _ in range(steps):
         mask = delta_mask() if delta_mask is not None else None
         delta = (delta * mask if mask is not None else delta).requires_grad_(True)
@@ -155,8 +178,8 @@ def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="
         else:
             objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
         grad = torch.autograd.grad(objective, delta, allow_unused=True)[0] if objective.requires_grad else None
-        delta = (delta.detach() + step_size * (grad.sign() if grad is not None else 0)).clamp_(-epsilon, epsilon)
-        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+        grad = torch.zeros_like(x) if grad is None else grad
+        delta = project(delta.detach() + step_size * (grad.sign() if norm == "linf" else grad / l2(grad)))
     return (x + delta).detach()
 
 
@@ -311,7 +334,8 @@ def gradient_probe(model, x, y, settings):
     at a time). Per image: the share of exactly-zero gradient coordinates, whether the margin moves along them (an
     eps/4 step), the relative error along FD_DIRECTIONS random sign directions (per pixel, in 4x4 blocks, by turns)."""
     net, dtype = probe_precision(model, x, settings)
-    gen, far = torch.Generator().manual_seed(settings.seed), settings.epsilon / 255 / 4
+    gen = torch.Generator().manual_seed(settings.seed)
+    far = radius(settings.epsilon, settings) / 4 / (x[0].numel() ** 0.5 if settings.norm == "l2" else 1)  # eps/4 long
     exact = dtype == torch.float64  # the whole model in float64: a margin flat at the first step is no rounding
     x, y = x[:PROBE_N].double(), y[:PROBE_N]
     x = x.clamp(2 * PROBE_JITTER, 1 - 2 * PROBE_JITTER) + PROBE_JITTER * (2 * torch.rand(x.shape, generator=gen,
@@ -408,21 +432,29 @@ def check_probe(probe):
 # === The attacks, worst case per example
 
 
-def perturbation_faults(x, x_adv, epsilon, logits):
-    """Per example of a batch: x_adv outside the L-inf ball of radius epsilon around x, outside [0, 1], or NaN
-    (in x_adv or in its logits); and the largest L-inf distance."""
-    distance = (x_adv - x).flatten(1).abs().amax(1)
-    faults = {"outside_ball": distance > epsilon + 1e-6,  # 1e-6: float32 rounding of (x + delta) - x
+def perturbation_faults(x, x_adv, epsilon, logits, norm="linf"):
+    """Per example of a batch: x_adv outside the `norm` ball of radius epsilon around x, outside [0, 1], or NaN
+    (in x_adv or in its logits); and the largest distance in that norm."""
+    delta = (x_adv - x).flatten(1)
+    distance = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    slack = 1e-6 * (1 if norm == "linf" else delta.shape[1] ** 0.5)  # float32 rounding of (x + delta) - x
+    faults = {"outside_ball": distance > epsilon + slack,
               "outside_box": ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1),
               "nan": torch.isnan(x_adv).flatten(1).any(1) | ~torch.isfinite(logits).all(1)}
     return faults, distance.nan_to_num(0.0).max().item() if len(distance) else 0.0
 
 
+def radius(value, settings):
+    """An epsilon or step size of the settings (the flags' units) in [0, 1] units, the attacks' own."""
+    return value / utils.NORM_UNITS[settings.norm]
+
+
 def attack_examples(model, x, y, idx, attack, epsilon, settings, seed, name="attack"):
     """attack(x_batch, y_batch) -> x_adv on the examples idx of (x, y) (float, on the CPU), batch by batch on the
-    device, re-seeded with `seed` first (every number reproducible on its own, as in evaluate.py's table). Returns:
-    robust (model(x_adv) == y for those examples), the perturbation faults (counts), the first error an attack
-    raised (that batch then keeps its clean images) and seconds."""
+    device, re-seeded with `seed` first (every number reproducible on its own, as in evaluate.py's table); epsilon
+    in the settings' units. Returns: robust (model(x_adv) == y for those examples), the perturbation faults (counts),
+    the largest distance (the settings' units), the first error an attack raised (that batch then keeps its clean
+    images) and seconds."""
     start, robust, error, max_distance = time.time(), [], None, 0.0
     faults = {"outside_ball": 0, "outside_box": 0, "nan": 0}
     utils.seed_everything(seed)
@@ -436,12 +468,12 @@ def attack_examples(model, x, y, idx, attack, epsilon, settings, seed, name="att
         with torch.no_grad():
             logits = model(x_adv).float()
         robust.append((logits.argmax(1) == yb).cpu())
-        bad, distance = perturbation_faults(xb, x_adv, epsilon, logits)
+        bad, distance = perturbation_faults(xb, x_adv, radius(epsilon, settings), logits, settings.norm)
         faults = {k: faults[k] + int(bad[k].sum()) for k in faults}
         max_distance = max(max_distance, distance)
-    return {"epsilon_255": 255 * epsilon, "attacked": len(idx), "robust": torch.cat(robust) if robust else
-            torch.zeros(0, dtype=torch.bool), **faults, "max_linf_255": 255 * max_distance, "error": error,
-            "seconds": time.time() - start}
+    return {"epsilon": epsilon, "attacked": len(idx), "robust": torch.cat(robust) if robust else
+            torch.zeros(0, dtype=torch.bool), **faults, "max_distance": max_distance * utils.NORM_UNITS[settings.norm],
+            "error": error, "seconds": time.time() - start}
 
 
 def square_attack(model, epsilon, settings):
@@ -449,7 +481,8 @@ def square_attack(model, epsilon, settings):
     from pyautoattack import AutoAttack
 
     def attack(x, y):
-        adversary = AutoAttack(model, norm="Linf", eps=epsilon, version="custom", attacks=["square"],
+        adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[settings.norm], eps=epsilon,
+                               version="custom", attacks=["square"],
                                seed=settings.seed, device=settings.device)
         adversary.square.n_queries = settings.square_queries
         log = logging.getLogger("auto-attack")
@@ -468,7 +501,7 @@ def sanity_attacks(model, x, y, clean, settings, randomised=False):
     example is what counts); a randomised model also gets EOT-PGD-20 on the examples correct when clean. Returns
     {name: record} (attack_examples), each record's "robust" over all n examples: an example an attack skipped
     counts as not robust, since an earlier attack fooled it (or it is wrong when clean)."""
-    eps, step, n = settings.epsilon / 255, settings.step_size / 255, len(y)
+    eps, step, n = radius(settings.epsilon, settings), radius(settings.step_size, settings), len(y)
     records = {}
 
     def run(name, robust_before, attack, epsilon, seed=settings.seed):
@@ -479,26 +512,25 @@ def sanity_attacks(model, x, y, clean, settings, randomised=False):
         records[name] = {**record, "robust": robust}
         return robust
 
-    def pgd(epsilon, step_size, steps, loss="ce", random_start="uniform"):
-        return lambda xb, yb: pgd_attack(model, xb, yb, epsilon, step_size, steps, loss=loss, random_start=random_start)
+    def pgd(epsilon, step_size, steps, loss="ce", random_start="uniform", attacked=model):
+        return lambda xb, yb: pgd_attack(attacked, xb, yb, epsilon, step_size, steps, loss=loss,
+                                         random_start=random_start, norm=settings.norm)
 
-    everyone = torch.ones(n, dtype=torch.bool)
-    pgd20 = run("pgd20", everyone, pgd(eps, step, 20), eps)  # the table's PGD-20 and CW-20, bit for bit
-    cw20 = run("cw20", everyone, pgd(eps, step, 20, "cw"), eps)
-    fgsm = run("fgsm", everyone, pgd(eps, eps, 1, random_start=None), eps)
+    everyone, e0 = torch.ones(n, dtype=torch.bool), settings.epsilon  # records name eps in the flags' units
+    pgd20 = run("pgd20", everyone, pgd(eps, step, 20), e0)  # the table's PGD-20 and CW-20, bit for bit
+    cw20 = run("cw20", everyone, pgd(eps, step, 20, "cw"), e0)
+    fgsm = run("fgsm", everyone, pgd(eps, eps, 1, random_start=None), e0)  # one step of eps (L2: normalised)
     white = cw20 & fgsm
     if randomised:
-        white &= run("eot-pgd", clean, lambda xb, yb: pgd_attack(ExpectedLogits(model, settings.eot_draws), xb, yb,
-                                                                  eps, step, 20),
-                     eps)
+        white &= run("eot-pgd", clean, pgd(eps, step, 20, attacked=ExpectedLogits(model, settings.eot_draws)), e0)
     run("eps0", everyone, pgd(0.0, 0.0, 1), 0.0)  # one step: at epsilon 0 every step is a no-op
     for e in sorted(set(settings.epsilons) - {0.0, settings.epsilon}):  # step size in proportion to epsilon
-        run(f"pgd20@{e:g}", clean, pgd(e / 255, e / 255 * step / eps, 20), e / 255)
+        run(f"pgd20@{e:g}", clean, pgd(radius(e, settings), radius(e, settings) * step / eps, 20), e)
     survivors = clean & pgd20
     for r in range(settings.restarts):  # each restart its own random start
         survivors &= run(f"pgd{settings.long_steps}#{r + 1}", survivors, pgd(eps, step / 2, settings.long_steps),
-                         eps, seed=(settings.seed + r + 1) % 2**32)
-    run("square", survivors & white, square_attack(model, eps, settings), eps)
+                         e0, seed=(settings.seed + r + 1) % 2**32)
+    run("square", survivors & white, square_attack(model, eps, settings), e0)
     return records
 
 
@@ -514,7 +546,7 @@ def check_sweep(records, clean, settings):
         flags[e] = clean & records["pgd20" if e == settings.epsilon else f"pgd20@{e:g}"]["robust"]
     epsilons = list(flags)
     accuracy = [f.float().mean().item() for f in flags.values()]
-    curve = {"epsilons_255": epsilons, "accuracy": accuracy, "n": n}
+    curve = {"norm": settings.norm, "epsilons": epsilons, "accuracy": accuracy, "n": n}
     differ = int((eps0 != clean).sum())
     results = [sanity_result(
         "eps0-equals-clean", "epsilon sweep", "PASS" if differ == 0 else "WARN" if differ <= 0.01 * n else "FAIL",
@@ -526,7 +558,8 @@ def check_sweep(records, clean, settings):
     (rise, se), a, b = max(rises, key=lambda r: r[0][0] - Z * r[0][1])
     results.append(sanity_result(
         "eps-monotone", "epsilon sweep", gap_status(rise, se, "eps-monotone"), {**curve, "max_rise": rise, "se": se},
-        "accuracy " + " ".join(f"{e:g}:{100 * acc:.1f}" for e, acc in zip(epsilons, accuracy)) + " (eps/255:%); "
+        "accuracy " + " ".join(f"{e:g}:{100 * acc:.1f}" for e, acc in zip(epsilons, accuracy))
+        + f" ({'eps/255' if settings.norm == 'linf' else 'L2 eps'}:%); "
         f"largest rise {100 * rise:+.1f} ± {100 * se:.1f} points ({a:g} -> {b:g})",
         "accuracy rises as eps grows: the attack gets weaker with more room, a sign of gradient masking or of "
         "a step size that does not scale with eps; do not trust these numbers"))
@@ -534,8 +567,8 @@ def check_sweep(records, clean, settings):
     acc, se = paired_gap(top, torch.zeros_like(top))
     results.append(sanity_result(
         "large-eps-zero", "epsilon sweep", gap_status(acc, se, "large-eps-zero"),
-        {"epsilon_255": epsilons[-1], "accuracy": acc, "se": se},
-        f"accuracy {pct(acc)} ± {pct(se)} at eps {epsilons[-1]:g}/255",
+        {"epsilon": epsilons[-1], "accuracy": acc, "se": se},
+        f"accuracy {pct(acc)} ± {pct(se)} at {utils.threat_model(settings.norm, epsilons[-1])}",
         "accuracy stays above 0 at a radius that can turn any image into another: a plateau is the classic "
         "signature of gradient masking; attack with Square/AutoAttack or an adaptive attack"))
     return results
@@ -549,7 +582,7 @@ def check_strength(records, clean, settings):
     final = after[-1] if after else pgd20
     gap, se = paired_gap(pgd20, final)
     numbers = {"pgd20": pgd20.float().mean().item(), "long_steps": settings.long_steps,
-               "step_size_255": settings.step_size / 2, "restarts": [a.float().mean().item() for a in after],
+               "step_size": settings.step_size / 2, "restarts": [a.float().mean().item() for a in after],
                "gap": gap, "se": se}
     results = [sanity_result(
         "more-steps-restarts", "attack strength", gap_status(gap, se, "more-steps-restarts"), numbers,
@@ -595,7 +628,7 @@ def white_box_worst_case(records, clean, settings):
     """Examples correct under every white-box attack at the evaluation epsilon."""
     flags = clean.clone()
     for name, record in records.items():
-        if name != "square" and record["epsilon_255"] == settings.epsilon:
+        if name != "square" and record["epsilon"] == settings.epsilon:
             flags &= record["robust"]
     return flags
 
@@ -636,12 +669,13 @@ def check_per_example(records, clean, settings):
     bad = {k: sum(a[k] for a in attacks.values()) for k in ("outside_ball", "outside_box", "nan")}
     errors = {name: a["error"] for name, a in attacks.items() if a["error"]}
     adversarial = sum(a["attacked"] for a in attacks.values())
-    excess = max(a["max_linf_255"] - a["epsilon_255"] for a in attacks.values() if a["attacked"])
+    excess = max(a["max_distance"] - a["epsilon"] for a in attacks.values() if a["attacked"])
     results.append(sanity_result(
         "valid-examples", "per example", "FAIL" if any(bad.values()) or errors else "PASS",
         {**bad, "errors": errors, "examples": adversarial, "attacks": attacks},
         f"{adversarial} adversarial examples of {len(attacks)} attacks: {bad['outside_ball']} outside their eps "
-        f"ball (largest L-inf distance minus eps: {excess:+.1e}/255), {bad['outside_box']} outside [0, 1], "
+        f"ball (largest {'L-inf' if settings.norm == 'linf' else 'L2'} distance minus eps: {excess:+.1e}"
+        f"{'/255' * (settings.norm == 'linf')}), {bad['outside_box']} outside [0, 1], "
         f"{bad['nan']} NaN; {len(errors)} attacks raised" + (f" ({next(iter(errors.values()))})" if errors else ""),
         "adversarial examples outside the eps ball or [0, 1], NaN, or an attack that crashed: the attack or "
         "the model is broken and every number from it is invalid; fix the projection/clamping or the NaN first"))
@@ -656,7 +690,7 @@ def check_per_example(records, clean, settings):
         {"pgd20": accuracy["pgd20"], "cw20": accuracy["cw20"], "eot_pgd": accuracy.get("eot-pgd"),
          "worst_case": worst.float().mean().item(), "gap": gap, "se": se},
         f"table: PGD-20 {pct(accuracy['pgd20'])}, CW-20 {pct(accuracy['cw20'])}{eot}; worst case per example over "
-        f"{sum(r['epsilon_255'] == settings.epsilon for r in records.values())} attacks "
+        f"{sum(r['epsilon'] == settings.epsilon for r in records.values())} attacks "
         f"{pct(worst.float().mean().item())} ({100 * gap:.1f} ± {100 * se:.1f} points below {lowest})",
         "different attacks fool different examples, and the table's lowest number is well above the worst case "
         "per example: report the worst case over attacks per example (as AutoAttack does), or AutoAttack itself"))
@@ -707,11 +741,12 @@ def plot_sanity(results, path, title):
     sweep, strength = numbers["eps-monotone"], numbers["more-steps-restarts"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     acc = np.array(sweep["accuracy"])
-    left.errorbar(sweep["epsilons_255"], 100 * acc, yerr=100 * np.sqrt(acc * (1 - acc) / sweep["n"]), marker="o",
+    left.errorbar(sweep["epsilons"], 100 * acc, yerr=100 * np.sqrt(acc * (1 - acc) / sweep["n"]), marker="o",
                   capsize=3)
-    left.set(xscale="symlog", xlabel="epsilon (1/255)", ylabel="accuracy (%)", ylim=(-2, 102),
-             title="accuracy against epsilon (PGD-20, CE)")
-    left.set_xticks(sweep["epsilons_255"], [f"{e:g}" for e in sweep["epsilons_255"]])
+    left.set_xscale("symlog", linthresh=min([e for e in sweep["epsilons"] if e > 0] or [1]))  # linear to the first
+    left.set(xlabel=f"{'L-inf epsilon (1/255)' if sweep['norm'] == 'linf' else 'L2 epsilon'}", ylabel="accuracy (%)",
+             ylim=(-2, 102), title="accuracy against epsilon (PGD-20, CE)")
+    left.set_xticks(sweep["epsilons"], [f"{e:g}" for e in sweep["epsilons"]])
     steps = [20 + strength["long_steps"] * (r + 1) for r in range(len(strength["restarts"]))]
     right.plot([1, 20, *steps], [100 * numbers["fgsm-vs-pgd"]["fgsm"], 100 * strength["pgd20"],
                                  *[100 * a for a in strength["restarts"]]], marker="o", label="FGSM, PGD-20, "

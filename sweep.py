@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 import utils
 from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list
 from evaluate import parse_args as evaluate_args
-from report import compare_flags
+from report import compare_flags, threat_of
 from utils import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -200,8 +200,12 @@ ALIASES = {"paper": ["table1", "table2", "table3", "table4", "table5", "fig6", "
 # === The plan: every run of some grids once, with the evaluations all of them need
 
 
-class Run(namedtuple("Run", "dataset name seed script flags run_dir steps")):
-    """One training run: `script` with `flags` (the data set's included), the seed, its folder and evaluations."""
+PAPER_THREAT = utils.threat_model("linf", utils.EPSILONS["linf"])  # the paper's one threat model, "L-inf eps 8/255"
+
+
+class Run(namedtuple("Run", "dataset name seed script flags run_dir steps threat", defaults=(PAPER_THREAT,))):
+    """One training run: `script` with `flags` (the data set's included), the seed, its folder and evaluations, and
+    the threat model it is trained and evaluated under (as evaluate.py's tables name it)."""
     key = property(lambda self: f"{self.dataset}/{self.name}/seed{self.seed}")
 
 
@@ -209,19 +213,26 @@ Plan = namedtuple("Plan", "runs tables")  # runs: folder -> Run; tables: (grid, 
 
 
 def plan(grids, profile="paper", datasets=None, seeds=1, extra=(), sweep_dir="runs/sweep", attacks=None,
-         n_examples=None):
-    """The Plan of `grids` for seeds 0..seeds-1; `extra` flags go to every training command."""
+         n_examples=None, norm="linf", epsilon=None):
+    """The Plan of `grids` for seeds 0..seeds-1; `extra` flags go to every training command, the threat model (norm,
+    epsilon in its units; None: the norm's default) to every training and evaluate.py command. A run of another
+    threat model than the paper's L-inf 8/255 has a folder of its own (NAME-l2, NAME-eps16, NAME-l2-eps1)."""
     P, sweep_dir, result = PROFILES[profile], Path(sweep_dir).absolute(), Plan({}, {})
+    epsilon = None if epsilon == utils.EPSILONS[norm] else epsilon
+    threat_flags = (*(("--norm", norm) if norm != "linf" else ()), *(("--epsilon", f"{epsilon:g}") if epsilon else ()))
+    suffix = f"-{norm}" * (norm != "linf") + (f"-eps{epsilon:g}" if epsilon is not None else "")
+    threat = utils.threat_model(norm, utils.EPSILONS[norm] if epsilon is None else epsilon)
     for grid in [g for name in grids for g in ALIASES.get(name, [name])]:
         grid_datasets, rows = GRIDS[grid]
         for dataset in datasets or P["datasets"] or grid_datasets:
             table = result.tables.setdefault((grid, dataset), {})
             for row_label, name, script, flags, steps in rows(P, list(extra)):
                 name, _, view = name.partition("/")  # RUN/trained: a view of RUN, evaluated in its own folder
-                steps = tuple(step._replace(view=view) for step in steps)
+                steps = tuple(step._replace(view=view, flags=step.flags + threat_flags) for step in steps)
                 for seed in range(seeds):
-                    run = Run(dataset, name, seed, script, ("--dataset", dataset, *P["data"], *flags, *extra),
-                              sweep_dir / dataset / name / f"seed{seed}", steps)
+                    run = Run(dataset, name + suffix, seed, script, ("--dataset", dataset, *P["data"], *flags, *extra,
+                                                                      *threat_flags),
+                              sweep_dir / dataset / (name + suffix) / f"seed{seed}", steps, threat)
                     known = result.runs.get(run.run_dir)
                     if known and known[:5] != run[:5]:
                         raise ValueError(f"two grids define {run.key} differently: {known.flags} and {run.flags}")
@@ -249,7 +260,8 @@ def evaluations(steps, attacks, n_examples):
 
 
 def plan_from_args(a, extra):
-    return plan(a.grids, a.profile, a.datasets, a.seeds, extra, a.sweep_dir, a.attacks, a.n_examples)
+    return plan(a.grids, a.profile, a.datasets, a.seeds, extra, a.sweep_dir, a.attacks, a.n_examples, a.norm,
+                a.epsilon)
 
 
 # === A run's state and commands, judged from its folder and its latest job's record
@@ -262,6 +274,12 @@ def read_json(path, default=None):
         return default
 
 
+def eval_rows(folder, threat):
+    """{(role, attack): eval.json's result row} of a run folder (or its view) under `threat` (and its clean accuracy)."""
+    rows = read_json(folder / "eval.json", {}).get("results", [])
+    return {(r["role"], r["attack"]): r for r in rows if threat_of(r) in (None, threat)}
+
+
 def pending(run):
     """(how far its training got, whether it still trains, the evaluate.py steps still needed) of `run`'s folder."""
     epochs, total = 0, None
@@ -270,13 +288,13 @@ def pending(run):
         epochs, total = checkpoint["epoch"], checkpoint["args"]["epochs"]
     steps = []
     for step in run.steps:  # what is missing, or was measured with other settings, on either checkpoint
-        saved = read_json(run.run_dir / step.view / "eval.json", {})
-        rows = {(r["role"], r["attack"]): r for r in saved.get("results", [])}
+        folder = run.run_dir / step.view
+        saved, rows = read_json(folder / "eval.json", {}), eval_rows(folder, run.threat)
         drawn = {(e["steps"], e["range"], e["pgd_steps"], e["epsilon"]) for e in saved.get("landscapes", [])}
-        a = evaluate_args([str(run.run_dir / step.view), *step.flags])
+        a = evaluate_args([str(folder), *step.flags])
         attacks = tuple(x for x in step.attacks if not all(measured_as(rows.get((r, x)), a) for r in ("best", "final")))
         if attacks or step.landscape and (a.landscape_steps, a.landscape_range, a.landscape_pgd_steps,
-                                          a.epsilon / 255) not in drawn:
+                                          utils.radii(a)[0]) not in drawn:
             steps.append(step._replace(attacks=attacks))
     progress = f"epoch {epochs}/{total}" if total else "no epoch saved" if (run.run_dir / "args.json").exists() else \
         "not started"
@@ -284,15 +302,15 @@ def pending(run):
 
 
 def measured_as(row, a):
-    """Whether an eval.json result row was measured as evaluate.py's flags `a` measure it: on the same images, eps,
-    attack settings and seed."""
+    """Whether an eval.json result row (of the run's threat model) was measured as evaluate.py's flags `a` measure it:
+    on the same images, attack settings and seed; a setting an older evaluate.py did not record is taken as asked."""
     attack = row and row["attack"]
     wanted = {"n": a.n_examples, "subset": None if a.n_examples else "all", "seed": a.seed, "amp": a.amp,
-              "epsilon_255": 0.0 if attack == "clean" else a.epsilon,
-              "step_size_255": a.step_size if attack in ("pgd20", "cw20", "eot20") else None,
+              "epsilon_255": 0.0 if attack == "clean" else None,  # eps and norm: the run's threat model
+              "step_size_255": 255 * utils.radii(a)[1] if attack in ("pgd20", "cw20", "eot20") else None,
               "aa_version": a.aa_version if attack == "aa" else None,
               "aa_attacks": a.aa_attacks if attack == "aa" and a.aa_version == "custom" else None}
-    return row is not None and all(v is None or row.get(k) == v for k, v in wanted.items())
+    return row is not None and all(v is None or row.get(k, v) == v for k, v in wanted.items())
 
 
 def next_commands(run, gpus=1):
@@ -583,6 +601,42 @@ def run_inline(runs, logs):
 
 # === The report: the tables (mean ± std over seeds, the paper's numbers, each method against PGD-AT) and figures
 
+# The paper's other tables (their one copy; Table I's is evaluate.py's, for --paper too):
+# table -> dataset -> method -> (Clean, PGD20, AA) of the best checkpoint: Tables II and III (WRN-32-10), V
+PAPER_CPA = {
+    "II": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "ALP": (84.18, 53.55, 49.68), "TRADES": (82.13, 55.14, 50.38),
+                       "MART": (81.57, 56.44, 49.58), "MAIL": (84.96, 52.58, 47.26), "CFA": (86.44, 57.84, 52.96),
+                       "RAT": (83.46, 57.07, 51.56), "PIAT + NMSE": (85.04, 58.04, 53.83)},
+           "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "ALP": (58.11, 28.59, 24.45), "TRADES": (57.99, 31.97, 26.76),
+                        "MART": (55.19, 31.16, 26.46), "MAIL": (58.04, 29.50, 23.97), "CFA": (63.37, 33.89, 28.98),
+                        "RAT": (60.89, 33.39, 27.95), "PIAT + NMSE": (61.04, 35.15, 30.07)}},
+    "III": {"cifar10": {"PGD-AT": (86.87, 48.77, 47.78), "PIAT": (85.56, 52.80, 48.35), "ALP": (84.18, 53.55, 49.68),
+                        "PIAT + ALP": (83.35, 57.71, 52.35), "TRADES": (82.13, 55.14, 50.38),
+                        "PIAT + TRADES": (82.08, 58.93, 53.73), "MART": (81.57, 56.44, 49.58),
+                        "PIAT + MART": (79.88, 59.51, 52.84), "MAIL": (84.96, 52.58, 47.26),
+                        "PIAT + MAIL": (84.24, 57.53, 52.22)},
+            "cifar100": {"PGD-AT": (59.30, 28.13, 23.99), "PIAT": (60.09, 34.46, 29.47), "ALP": (58.11, 28.59, 24.45),
+                         "PIAT + ALP": (59.25, 34.04, 28.94), "TRADES": (57.99, 31.97, 26.76),
+                         "PIAT + TRADES": (59.78, 34.52, 29.25), "MART": (55.19, 31.16, 26.46),
+                         "PIAT + MART": (54.32, 34.87, 28.79), "MAIL": (58.04, 29.50, 23.97),
+                         "PIAT + MAIL": (58.52, 33.65, 28.00)}},
+    "V": {"cifar10": {"ALP": (79.74, 52.37, 46.13), "NMSE": (84.77, 51.56, 46.60)},
+          "cifar100": {"ALP": (57.29, 28.12, 23.57), "NMSE": (58.88, 29.55, 24.82)}},
+}
+
+# model -> loss -> (plain, A&P, PIAT + A&P) as (Clean, PGD20, AA); CIFAR-10, the paper's Table IV
+PAPER_TABLE_IV = {
+    "convit_base": {"ce": [(61.47, 38.64, 34.07), (85.21, 53.25, 49.01), (87.50, 56.25, 51.86)],
+                    "trades": [(82.75, 52.77, 49.61), (83.51, 53.21, 50.11), (86.03, 55.88, 52.35)],
+                    "mart": [(63.61, 42.51, 37.08), (80.32, 53.11, 48.35), (81.20, 56.17, 51.13)]},
+    "vit_base_patch16_224": {"ce": [(83.07, 52.93, 48.99), (84.64, 53.44, 49.67), (87.83, 56.34, 52.27)],
+                             "trades": [(83.45, 53.07, 49.76), (83.91, 53.52, 50.56), (87.09, 55.97, 52.57)],
+                             "mart": [(77.05, 52.99, 47.95), (78.75, 53.51, 49.01), (82.23, 55.94, 51.03)]},
+    "deit_small_patch16_224": {"ce": [(81.36, 47.94, 47.28), (83.08, 52.28, 47.92), (83.22, 53.55, 49.31)],
+                               "trades": [(82.32, 52.52, 49.07), (82.81, 52.74, 49.40), (83.43, 53.31, 50.10)],
+                               "mart": [(76.77, 52.06, 47.06), (78.43, 52.98, 47.94), (78.39, 53.83, 48.97)]},
+}
+
 FIG1_METHODS = ["PGD-AT", "TRADES", "MART", "PIAT + NMSE"]
 BEST_CPA = [("best", "clean"), ("best", "pgd20"), ("best", "aa")]  # Tables II-V's columns
 BEST_FINAL_DIFF = [(role, attack) for attack in ATTACKS for role in ("best", "final", "diff")]  # Table I's
@@ -617,8 +671,8 @@ def read_metrics(path):
 def collect(the_plan):
     """{run folder: {"eval": {(role, attack): eval.json's result row}, "metrics": metrics.csv rows}} of every run."""
     folders = {d for table in the_plan.tables.values() for dirs in table.values() for d in dirs}
-    return {d: {"eval": {(r["role"], r["attack"]): r for r in read_json(d / "eval.json", {}).get("results", [])},
-                "metrics": run_metrics(d)} for d in {*the_plan.runs, *folders}}
+    threat = threat_of_plan(the_plan)
+    return {d: {"eval": eval_rows(d, threat), "metrics": run_metrics(d)} for d in {*the_plan.runs, *folders}}
 
 
 def run_metrics(run_dir):
@@ -786,22 +840,24 @@ def grid_report(the_plan, grid, dataset, results):
     table, best = the_plan.tables[grid, dataset], f"({dataset}): the best checkpoint, accuracy (%)"
     rows = [([name], dirs) for name, dirs in table.items()]
     key = dataset if dataset in ("cifar10", "cifar100", "svhn") else "cifar10"  # the paper's numbers beside ours
+    theirs = threat_of_plan(the_plan) == PAPER_THREAT  # the paper's numbers beside ours: L-inf 8/255 only
     note = "" if key == dataset else f"**{dataset} is not one of the paper's data sets: theirs show the layout.**\n\n"
     if grid == "table1":
         title = f"**Table I ({dataset})**: accuracy (%) of the best and the final checkpoint; diff = |best − final|"
         paper = [[v for triple in PAPER_TABLE_I[key].get(name, ()) for v in triple] for name in table]
-        markdown = accuracy_markdown(title, rows, results, BEST_FINAL_DIFF, paper=(key, paper), reference="PGD-AT")
+        markdown = accuracy_markdown(title, rows, results, BEST_FINAL_DIFF, paper=(key, paper) if theirs else None,
+                                     reference="PGD-AT")
         return note + markdown, {}
     if grid in CPA_TABLES:
         number, what = CPA_TABLES[grid]
-        return note + accuracy_markdown(f"**Table {number}** ({what}) {best}", rows, results, BEST_CPA,
-                                        paper=(key, [PAPER_CPA[number].get(key, {}).get(name) for name in table])), {}
+        paper = (key, [PAPER_CPA[number].get(key, {}).get(name) for name in table]) if theirs else None
+        return note + accuracy_markdown(f"**Table {number}** ({what}) {best}", rows, results, BEST_CPA, paper=paper), {}
     if grid == "table4":
         paper = [PAPER_TABLE_IV[model][loss][list(VIT_VARIANTS).index(variant)] if loss in PAPER_TABLE_IV.get(
             model, {}) else None for model, loss, variant in table]
         rows = [((model, LOSS_NAMES[loss], variant), dirs) for (model, loss, variant), dirs in table.items()]
         return accuracy_markdown("**Table IV**: vision transformers, best checkpoint, accuracy (%)", rows, results,
-                                 BEST_CPA, ("Model", "Loss", "Variant"), ("cifar10", paper)), {}
+                                 BEST_CPA, ("Model", "Loss", "Variant"), ("cifar10", paper) if theirs else None), {}
     if grid == "fig6":  # Fig. 6 plots AutoAttack where it was measured for every run, else PGD-20
         attack = "aa" if all(seed_values(results, dirs, "best", "aa") for dirs in table.values()) else "pgd20"
         figures = {"fig1_robust_accuracy_per_epoch.png": plot_mean_curves(
@@ -846,15 +902,21 @@ def grid_report(the_plan, grid, dataset, results):
 REPORT = "sweep.py --report"  # what its files carry: a file without it (or edited since) is never replaced
 
 
+def threat_of_plan(the_plan):
+    """The threat model of a plan's runs (one per sweep: sweep.py --norm and --epsilon)."""
+    return next(iter(the_plan.runs.values())).threat if the_plan.runs else PAPER_THREAT
+
+
 def write_report(the_plan, out_dir):
     """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/, each written
     whole; nothing is written when a file there is not an unchanged one of an earlier report."""
-    out_dir, results, files = Path(out_dir), collect(the_plan), {}
+    out_dir, results, files, threat = Path(out_dir), collect(the_plan), {}, threat_of_plan(the_plan)
     if not any(r["eval"] or r["metrics"] for r in results.values()):
         raise utils.UserError(f"no run of {', '.join(dict.fromkeys(g for g, _ in the_plan.tables))} has results yet: "
                               "nothing to report (another --sweep-dir?)")
     for grid in dict.fromkeys(grid for grid, _ in the_plan.tables):
-        sections = []
+        sections = [f"Threat model: {threat}" + ("" if threat == PAPER_THREAT else " (the paper measured L-inf eps "
+                                                                                 "8/255 only: its numbers are left out)")]
         for dataset in [ds for g, ds in the_plan.tables if g == grid]:
             markdown, figures = grid_report(the_plan, grid, dataset, results)
             for name, fig in figures.items():
@@ -896,6 +958,10 @@ def parse_args(argv=None):
     g.add_argument("--attacks", type=choice_list([*ATTACKS, "landscape"]), default=None, metavar="LIST",
                    help=f"evaluate only these of {','.join(ATTACKS)},landscape")
     g.add_argument("--n-examples", type=utils.positive_int, default=None, metavar="N", help="evaluate on N test images")
+    g.add_argument("--norm", type=str, default="linf", choices=tuple(utils.NORM_UNITS),
+                   help="threat model of every training run and evaluation (not linf: runs of their own, NAME-l2)")
+    g.add_argument("--epsilon", type=utils.pixel_units, default=None,
+                   help="its radius, in training and evaluation (linf: 1/255 units, default 8; l2: [0, 1], 0.5)")
     g = p.add_argument_group("instead of running")
     action = g.add_mutually_exclusive_group()
     action.add_argument("--dry-run", action="store_true", help="check and print the commands still needed")
@@ -923,6 +989,7 @@ def parse_args(argv=None):
     owned = [flag for flag in extra if flag.split("=")[0] in ("--dataset", "--seed", "--out-dir", "--resume")]
     if owned:
         p.error(f"{owned[0]} is set by sweep.py for each run (use --datasets, --seeds, --sweep-dir)")
+    utils.attack_units(p, argparse.Namespace(norm=args.norm, epsilon=args.epsilon, step_size=None))  # its warnings
     args.sweep_dir = args.sweep_dir or f"runs/sweep-{args.profile}"
     args.report_dir = args.report_dir or str(Path(args.sweep_dir) / "report")
     return args, extra

@@ -107,9 +107,13 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=positive_int, default=128,
                    help="training batch of both learners (the global one under torchrun)")
     g.add_argument("--eval-batch-size", type=positive_int, default=256, help="batch of the per-epoch evaluation")
-    g = p.add_argument_group("attack (1/255 units)")
-    g.add_argument("--epsilon", type=pixel_units, default=8.0, help="L-inf radius of the training and test attacks")
-    g.add_argument("--step-size", type=pixel_units, default=2.0, help="PGD step size")
+    g = p.add_argument_group("attack (--norm linf: --epsilon and --step-size in 1/255 units; l2: in [0, 1] units)")
+    g.add_argument("--norm", type=str, default="linf", choices=tuple(utils.NORM_UNITS),
+                   help="threat model of the training and test attacks: the L-inf or the L2 ball")
+    g.add_argument("--epsilon", type=pixel_units, default=None,
+                   help="radius of the training and test attacks (default: 8/255 under linf, 0.5 under l2)")
+    g.add_argument("--step-size", type=pixel_units, default=None,
+                   help="PGD step size (default: 2/255 under linf; under l2 15/255 = 0.0588, Rice et al.'s)")
     g.add_argument("--pgd-steps", type=non_negative_int, default=10, help="steps of the training attack")
     g.add_argument("--eval-pgd-steps", type=non_negative_int, default=20, help="steps of the per-epoch test attack")
     g.add_argument("--attack-loss", type=str, default="ce", choices=("ce", "kl"),
@@ -140,6 +144,7 @@ def parse_args(argv=None):
     g.add_argument("--alpha-fixed", type=unit_interval, default=None, help="a constant alpha instead")
     args = p.parse_args(argv)
     # defaults that depend on other flags, and the checks argparse cannot make
+    utils.attack_units(p, args, l2_step=15 / 255)
     for key, value in ARCH_DEFAULTS[args.arch].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.data_dir = args.data_dir or (None if args.resume else "./data")  # a resumed run keeps its own
@@ -160,27 +165,39 @@ def parse_args(argv=None):
 
 
 def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="uniform", generator=None,
-               delta_mask=None):
-    """L-inf PGD maximising `loss` of `model` around x; returns x' with ||x' - x||_inf <= epsilon, in [0, 1].
-    epsilon: one radius, or one per example (a tensor (N,): CFA's class-wise margins). loss: "ce" cross-entropy,
-    "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl" TRADES's KL(p(x) || p(x')). random_start: "uniform"
-    U(-eps, eps) (Madry et al.), "normal" 0.001 * N(0, 1) (the official TRADES and MART code) or None, drawn from
-    `generator` (default: the global one). delta_mask: None, or a function returning a 0/1 mask (or None) that
-    multiplies delta before every forward pass (PRM). A model that gives no gradient is not moved. The caller
-    chooses the model's mode (BatchNorm in eval mode while attacking)."""
-    x = x.detach()
-    if torch.is_tensor(epsilon):  # one radius per example, broadcast over the image
-        epsilon = epsilon.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+               delta_mask=None, norm="linf"):
+    """PGD maximising `loss` of `model` around x in the L-inf or the L2 ball (norm "linf", "l2"); returns x' with
+    ||x' - x|| <= epsilon per example, in [0, 1]: each step (the gradient's sign, or the gradient over its L2 norm)
+    is projected onto the ball, then into [0, 1]. epsilon: one radius, or one per example (a tensor (N,): CFA's
+    class-wise margins). loss: "ce" cross-entropy, "cw" the Carlini-Wagner margin max_{j!=y} f_j - f_y, "kl"
+    TRADES's KL(p(x) || p(x')). random_start: "uniform" in the ball (Madry et al.), "normal" 0.001 * N(0, 1) (the
+    official TRADES and MART code) or None, drawn from `generator` (default: the global one). delta_mask: None, or
+    a function returning a 0/1 mask (or None) that multiplies delta before every forward pass (PRM). A model that
+    gives no gradient is not moved. The caller chooses the model's mode (BatchNorm in eval mode while attacking)."""
+    x, per_example = x.detach(), (-1, *[1] * (x.dim() - 1))  # one number per example, broadcast over its image
+    epsilon = epsilon.to(x.device, x.dtype).view(per_example) if torch.is_tensor(epsilon) else epsilon
+
+    def l2(v):  # never 0: a zero vector divided by it stays zero
+        return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_example)
+
+    def project(delta):  # onto the ball (clamping into [0, 1] then only shortens delta)
+        delta = delta.clamp(-epsilon, epsilon) if norm == "linf" else delta * (epsilon / l2(delta)).clamp(max=1)
+        return (x + delta).clamp_(0, 1) - x
+
     if loss == "kl":
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
-    if random_start == "uniform":
+    if random_start == "uniform" and norm == "linf":  # U(-eps, eps) in every coordinate
         delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * epsilon
+    elif random_start == "uniform":  # uniform in the L2 ball: a Gaussian's direction, radius eps * U^(1/dimensions)
+        delta = torch.randn(x.shape, generator=generator, device=x.device)
+        radius = torch.rand(len(x), generator=generator, device=x.device).pow(1 / x[0].numel()).view(per_example)
+        delta = delta / l2(delta) * radius * epsilon
     elif random_start == "normal":
-        delta = (0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp_(-epsilon, epsilon)
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device)
     else:
         delta = torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    delta = project(delta)
     for _ in range(steps):
         mask = delta_mask() if delta_mask is not None else None
         delta = (delta * mask if mask is not None else delta).requires_grad_(True)
@@ -192,8 +209,8 @@ def pgd_attack(model, x, y, epsilon, step_size, steps, loss="ce", random_start="
         else:
             objective = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
         grad = torch.autograd.grad(objective, delta, allow_unused=True)[0] if objective.requires_grad else None
-        delta = (delta.detach() + step_size * (grad.sign() if grad is not None else 0)).clamp_(-epsilon, epsilon)
-        delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
+        grad = torch.zeros_like(x) if grad is None else grad
+        delta = project(delta.detach() + step_size * (grad.sign() if norm == "linf" else grad / l2(grad)))
     return (x + delta).detach()
 
 
@@ -203,15 +220,16 @@ def cw_margin(logits, y):
     return others.amax(dim=1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_size, device, generator=None, desc=""):
-    """Per image of x_all (uint8): whether `model` classifies it correctly, clean (loss None) or under PGD on `loss`
-    ("ce", "cw") with a uniform random start from `generator`. A bool tensor on `device`."""
+def attack_flags(model, x_all, y_all, loss, epsilon, step_size, steps, batch_size, device, generator=None, desc="",
+                 norm="linf"):
+    """Per image of x_all (uint8): whether `model` classifies it correctly, clean (loss None) or under PGD in the
+    `norm` ball on `loss` ("ce", "cw") with a uniform random start from `generator`. A bool tensor on `device`."""
     model.eval()
     flags = []
     for i in utils.progress(range(0, len(x_all), batch_size), desc=desc, disable=None if desc else True):
         x, y = utils.to_float(x_all[i : i + batch_size].to(device)), y_all[i : i + batch_size].to(device)
         if loss is not None:
-            x = pgd_attack(model, x, y, epsilon, step_size, steps, loss=loss, generator=generator)
+            x = pgd_attack(model, x, y, epsilon, step_size, steps, loss=loss, generator=generator, norm=norm)
         with torch.no_grad():
             flags.append(model(x).argmax(1) == y)
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)
@@ -237,8 +255,8 @@ def robust_learner_loss(model, train_model, x, y, args):
     """(loss, logits of x') of the robust learner: x' from PGD on `model` with BatchNorm in eval mode (--attack-loss),
     then rdat_loss of the training forward passes through `train_model`, in fp32."""
     model.eval()
-    x_adv = pgd_attack(model, x, y, args.epsilon / 255, args.step_size / 255, args.pgd_steps, loss=args.attack_loss,
-                       random_start="normal" if args.attack_loss == "kl" else "uniform")
+    x_adv = pgd_attack(model, x, y, *utils.radii(args), args.pgd_steps, loss=args.attack_loss,
+                       random_start="normal" if args.attack_loss == "kl" else "uniform", norm=args.norm)
     model.train()
     logits_clean = train_model(x).float() if args.lam else None  # p(x): its own train-mode pass, not detached
     logits_adv = train_model(x_adv).float()
@@ -363,9 +381,9 @@ def evaluate_epoch(model, split, args, epoch, rank=0, world_size=1, desc=""):
         x, y = split[name]
         generator = torch.Generator(x.device).manual_seed(args.seed * 1_000_003 + epoch)
         for attack, loss in (("clean", None), ("pgd20", "ce")):
-            mine = attack_flags(model, x[rank::world_size], y[rank::world_size], loss, args.epsilon / 255,
-                                args.step_size / 255, args.eval_pgd_steps, args.eval_batch_size, x.device, generator,
-                                f"{name} {attack}{desc}" if rank == 0 else "")
+            mine = attack_flags(model, x[rank::world_size], y[rank::world_size], loss, *utils.radii(args),
+                                args.eval_pgd_steps, args.eval_batch_size, x.device, generator,
+                                f"{name} {attack}{desc}" if rank == 0 else "", args.norm)
             flags = torch.zeros(len(y), device=x.device)
             flags[rank::world_size] = mine.float()
             flags = utils.all_reduce_sum_(flags)
@@ -461,7 +479,8 @@ def train(args, checkpoint, rank, world_size, device, stop):
         schedule = redistribution_epochs(args.epochs, args.redistribute_from, args.redistribute_every)
         shown = ", ".join(map(str, schedule[:4])) + (f", ..., {schedule[-1]}" if len(schedule) > 4 else "")
         print(f"{utils.method_name(args, SCRIPT)} (lam {args.lam:g}), {args.arch} on {args.dataset}: "
-              f"{len(split['train'][0])} training images, redistribution {args.redistribute_mode}"
+              f"{len(split['train'][0])} training images, {utils.threat_model(args.norm, args.epsilon)}, "
+              f"redistribution {args.redistribute_mode}"
               f"{f' on epochs {shown}' if args.redistribute_mode != 'off' and schedule else ''}, {args.epochs} "
               f"epoch{'s' * (args.epochs != 1)} on {world_size} x {device}, {precision}"
               f"{', compiled' if args.compile else ''}; writing {run_dir}", flush=True)

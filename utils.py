@@ -88,7 +88,34 @@ def number(kind, low=-math.inf, high=math.inf, open_bounds=False):
 positive_int, non_negative_int, non_negative = number(int, 0, open_bounds=True), number(int, 0), number(float, 0)
 unit_interval = number(float, 0, 1)  # alpha, beta, momentum: weights of a convex combination
 seed_number = number(int, 0, 2**32 - 1)  # every seed numpy accepts
-pixel_units = number(float, 0, 255)  # epsilon and step sizes, in 1/255 units
+pixel_units = number(float, 0, 255)  # epsilon and step sizes: L-inf's in 1/255 units, L2's in [0, 1] units
+NORM_UNITS = {"linf": 255, "l2": 1}  # --norm -> what --epsilon and --step-size are divided by for [0, 1] units
+EPSILONS = {"linf": 8.0, "l2": 0.5}  # --norm -> the default --epsilon: the paper's 8/255, RobustBench's L2 0.5
+
+
+def attack_units(parser, args, l2_step=None):
+    """--epsilon and --step-size by --norm where not given (EPSILONS; steps L-inf 2, L2 l2_step or eps/4); a step of
+    0 is refused, a value almost surely in the other norm's units gets a warning."""
+    linf = args.norm == "linf"
+    args.epsilon = EPSILONS[args.norm] if args.epsilon is None else args.epsilon
+    args.step_size = (2.0 if linf else l2_step or args.epsilon / 4) if args.step_size is None else args.step_size
+    if args.step_size == 0:
+        parser.error("argument --step-size: 0 never moves the attack, whose accuracy would be the clean one")
+    for flag, value in (("--epsilon", args.epsilon), ("--step-size", args.step_size)):
+        if (0 < value < 1) if linf else value > 3:  # 0.031 (L-inf) or 8 (L2) for 8/255
+            print(f"{parser.prog}: warning: {flag} {value:g} is " + (
+                f"{value:g}/255 (L-inf's units): for {value:g} write {flag} {255 * value:.3g}" if linf else
+                f"{value:g} in [0, 1] units (L2's): for {value:g}/255 write {flag} {value / 255:.3g}"), file=sys.stderr)
+
+
+def radii(args):
+    """(epsilon, step size) of the flags in [0, 1] units, the attacks' own."""
+    return args.epsilon / NORM_UNITS[args.norm], args.step_size / NORM_UNITS[args.norm]
+
+
+def threat_model(norm, epsilon):
+    """How every printed line names a threat model, epsilon as the flags give it: "L-inf eps 8/255", "L2 eps 0.5"."""
+    return f"L-inf eps {epsilon:g}/255" if norm == "linf" else f"L2 eps {epsilon:g}"
 
 
 def first_line(err):
@@ -733,7 +760,7 @@ def resume_args(args, script):
             run_dir / "metrics.csv").read_text(errors="replace").count("\n") > 1):  # a row under the header
         raise UserError(f"--resume {args.resume}: final.pt is missing but best.pt or metrics.csv hold saved epochs, "
                         "so it cannot continue exactly; start a new run (this folder is left as it is)")
-    own = checkpoint["args"] if checkpoint else saved
+    own = {"norm": "linf", **(checkpoint["args"] if checkpoint else saved)}  # runs older than --norm were L-inf
     if args.refused(own):  # a hand edit, or an older version: refused before anything is written
         raise UserError(f"--resume {args.resume}: its {'final.pt' if checkpoint else 'args.json'} holds "
                         f"{args.refused(own)}; start a new run")

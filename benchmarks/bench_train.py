@@ -8,13 +8,19 @@ CPU: peak RSS); then the table, the ratios of ours to each, and evaluate.py's PG
 
     python benchmarks/bench_train.py --arch resnet18          # CUDA if there is one (about 4 minutes on a CPU)
     python benchmarks/bench_train.py --arch small-cnn --no-amp --no-channels-last   # fp32, NCHW
+    python benchmarks/bench_train.py --arch small-cnn --norm both --steps 8          # ours under L2 against L-inf
+
+--norm l2 measures ours and evaluate.py's PGD-20 under L2 (eps 0.5; training step 15/255, evaluation eps/4; the peers
+stay L-inf, as their code is); --norm both times ours under L-inf and under L2 in one process, step by step in turn.
 """
 
 import argparse
+import copy
 import itertools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +40,8 @@ import utils  # noqa: E402
 from utils import non_negative_int, positive_int  # noqa: E402
 
 VARIANTS = ("ours", "efficient-peer", "conventional")  # the training steps compared
-EPSILON, STEP_SIZE, LAM = 8 / 255, 2 / 255, 4.0  # train_piat.py's defaults for --loss nmse
+EPSILON, STEP_SIZE, LAM = 8 / 255, 2 / 255, 4.0  # train_piat.py's defaults for --loss nmse (the peers' attack)
+THREATS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 15 / 255)}  # --norm: train_piat.py's default eps and step
 
 
 def parse_args(argv=None):
@@ -45,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=non_negative_int, default=None, metavar="N", help="untimed steps (CUDA 10, CPU 1)")
     p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="timed steps (CUDA 30, CPU 3)")
     p.add_argument("--pgd-steps", type=non_negative_int, default=10, metavar="N", help="steps of the training attack")
+    p.add_argument("--norm", type=str, default="linf", choices=("linf", "l2", "both"),
+                   help="threat model of ours and of evaluate.py's PGD-20 (both: ours under each, in turn)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast in ours (default: as train_piat.py decides: CUDA, or measured)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -59,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", type=str, default=None, choices=VARIANTS + ("eval-pgd20",),
                    help="measure only this one, print its JSON")
     args = p.parse_args(argv)
+    if args.variant and args.norm == "both":
+        p.error("--variant measures one norm: give --norm linf or --norm l2")
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     for name, on_cuda, on_cpu in (("batch_size", 128, 64), ("warmup", 10, 1), ("steps", 30, 3),
                                   ("eval_images", 256, 64)):
@@ -92,7 +103,7 @@ def ours(args, device, model, data):
         _, _, x, y = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             model.eval()
-            x_adv = train_piat.pgd_attack(model, x, y, EPSILON, STEP_SIZE, args.pgd_steps)
+            x_adv = train_piat.pgd_attack(model, x, y, *THREATS[args.norm], args.pgd_steps, norm=args.norm)
             model.train()
             logits_adv, logits_clean = model(x_adv).float(), model(x).float()
             loss = F.cross_entropy(logits_adv, y) + LAM * train_piat.nmse_loss(logits_adv, logits_clean, y)
@@ -103,7 +114,8 @@ def ours(args, device, model, data):
         totals.add_(torch.stack([loss.detach() * len(y), (logits_clean.argmax(1) == y).sum(),
                                  (logits_adv.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).float())
 
-    return step, {"amp": args.amp, "precision": precision, "compile": args.compile, "channels_last": args.channels_last}
+    return step, {"amp": args.amp, "precision": precision, "compile": args.compile, "channels_last": args.channels_last,
+                  "norm": args.norm}
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -169,10 +181,24 @@ def eval_pgd20(args, device, model, data):
     """evaluate.py's PGD-20 (fp32, eval mode), per image."""
     model.eval()
     x, y = utils.to_float(data.x_test[: args.eval_images]).to(device), data.y_test[: args.eval_images].to(device)
-    return lambda i: evaluate.pgd_attack(model, x, y, EPSILON, STEP_SIZE, 20), {"images": len(x)}
+    eps = THREATS[args.norm][0]  # evaluate.py's default step: eps/4 (2/255 under L-inf)
+    return lambda i: evaluate.pgd_attack(model, x, y, eps, eps / 4, 20, norm=args.norm), {"images": len(x),
+                                                                                           "norm": args.norm}
 
 
 # === Measuring
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's (with its bf16 units), cores, threads and torch."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{utils.cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def synchronize(device):
+    """Wait for the GPU's queued work (a step's time is its own); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_variant(args):
@@ -194,22 +220,64 @@ def measure_variant(args):
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(args.warmup, args.warmup + args.steps):
         step(i)
     if cuda:
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     images = args.steps * (args.eval_images if args.variant == "eval-pgd20" else args.batch_size)
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    name = torch.cuda.get_device_name(device) if cuda else (
-        f"{utils.cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    return {"variant": args.variant, "device": str(device), "device_name": name, "arch": args.arch,
-            "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds,
+    return {"variant": args.variant, "device": str(device), "device_name": device_name(device), "arch": args.arch,
+            "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "images_per_second": images / seconds, "ms_per_image": 1000 * seconds / images,
             "peak_memory_mib": peak / 2**20 if cuda else peak / 1024,  # ru_maxrss counts KiB
             "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
             "forward_gflops_per_image": flops.get_total_flops() / 1e9, **settings}
+
+
+def measure_in_child(argv, variant):
+    """One variant's JSON record, measured in a child process of its own (its own peak memory)."""
+    child = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"bench_train.py: the {variant} measurement failed:\n{child.stderr[-2000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def compare_norms(args, argv):
+    """--norm both: ours under L-inf and under L2 in one process, step by step in turn (L-inf first on even steps, L2
+    on odd ones), so that the load of a shared machine falls on both alike; each trains its own copy of the same
+    model on the same batches. After --warmup untimed steps of each, --steps timed ones: the ratios L2 / L-inf of
+    the median step time, wall clock and this process's CPU time (which other work on the machine disturbs less)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the batches' progress bars would run through the table
+    device = utils.pick_device(args.device)
+    utils.seed_everything(0)
+    data = bench_data(4 * args.batch_size, args.eval_images)
+    model = utils.build_model(args.arch, data.num_classes, data.mean, data.std).to(device)
+    steps = {norm: ours(argparse.Namespace(**{**vars(args), "norm": norm}), device, copy.deepcopy(model), data)[0]
+             for norm in ("linf", "l2")}
+    times = {norm: [] for norm in steps}  # (wall, CPU) seconds of each timed step
+    for i in range(args.warmup + args.steps):
+        for norm in ("linf", "l2") if i % 2 == 0 else ("l2", "linf"):
+            synchronize(device)
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            steps[norm](i)
+            synchronize(device)
+            if i >= args.warmup:
+                times[norm].append((time.perf_counter() - tic, time.process_time() - cpu_tic))
+    median = {norm: [statistics.median(t[k] for t in ts) for k in (0, 1)] for norm, ts in times.items()}
+    ratio, cpu_ratio = (median["l2"][k] / median["linf"][k] for k in (0, 1))
+    print(f"{args.arch}, batch {args.batch_size}, PGD-{args.pgd_steps} PIAT+NMSE step (ours), L-inf and L2 in turn, "
+          f"{args.steps} timed steps each, {device_name(device)}")
+    for norm, ts in times.items():
+        print(f"{norm:<5} ms/image per step: " + ", ".join(f"{1000 * w / args.batch_size:.1f}" for w, _ in ts)
+              + f"; median {1000 * median[norm][0] / args.batch_size:.2f} (CPU {median[norm][1]:.2f} s per step)")
+    print(f"ratio L2 / L-inf of the median step time: {ratio:.3f} wall clock, {cpu_ratio:.3f} CPU time")
+    results = {"times": times, "l2_over_linf_time": ratio, "l2_over_linf_cpu_time": cpu_ratio,
+               "device_name": device_name(device)}
+    if args.out:
+        utils.save_json({**results, "command": " ".join([Path(__file__).name, *argv])}, args.out)
+    return results
 
 
 def main(argv=None):
@@ -219,12 +287,9 @@ def main(argv=None):
         print(json.dumps(measure_variant(args)))
         return None
     utils.pick_device(args.device)  # a device this machine lacks: one line here rather than in every child
-    results = {}
-    for variant in (*VARIANTS, "eval-pgd20"):
-        child = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"bench_train.py: the {variant} measurement failed:\n{child.stderr[-2000:]}")
-        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    if args.norm == "both":
+        return compare_norms(args, argv)
+    results = {variant: measure_in_child(argv, variant) for variant in (*VARIANTS, "eval-pgd20")}
     ours_r, eval_r = results["ours"], results["eval-pgd20"]
     # PGD-k AT: k attack steps of forward + input-gradient backward (~2 forward-equivalents each) and a training
     # step of forward + full backward (~3) on x', plus the same again on x for NMSE
@@ -234,7 +299,8 @@ def main(argv=None):
     peak = tflops / args.peak_tflops if ours_r["device"].startswith("cuda") else None
     summary = {**{f"ratio_vs_{v.replace('-', '_')}": ratio for v, ratio in ratios.items()},
                "forward_equivalents_per_image": equivalents, "achieved_tflops": tflops, "fraction_of_peak": peak}
-    print(f"{args.arch}, batch {args.batch_size}, PGD-{args.pgd_steps} PIAT+NMSE step, {ours_r['device_name']}")
+    print(f"{args.arch}, batch {args.batch_size}, PGD-{args.pgd_steps} PIAT+NMSE step"
+          f"{' under L2 (the peers: L-inf)' if args.norm == 'l2' else ''}, {ours_r['device_name']}")
     print(f"our step: {ours_r['precision']}")
     print(f"{'variant':<16}{'images/s':>10}{'ms/image':>10}{'peak MiB':>10}  settings")
     for r in (results[v] for v in VARIANTS):

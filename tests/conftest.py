@@ -84,3 +84,36 @@ def kill_after_first_checkpoint(script, args, run_dir, timeout=300):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return utils.load_checkpoint(run_dir / "final.pt")["epoch"]
+
+
+def adversarially_trained_small_cnn(epsilon, step_size, norm="linf"):
+    """A small-cnn (width 8) trained for 3 epochs by PGD-AT (PGD-2 in the `norm` ball; epsilon and step size in
+    [0, 1] units) on 2,000 synthetic images, seed 0, in eval mode without parameter gradients: an honest model
+    for the attack and sanity tests (about 20 s)."""
+    import torch
+    import torch.nn.functional as F
+
+    import evaluate as ev
+    import utils
+
+    utils.seed_everything(0)
+    data = utils.load_dataset("synthetic", None)
+    x_train, y_train = data.x_train[:2000], data.y_train[:2000]
+    model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    epochs, batch = 3, 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * -(-len(x_train) // batch))
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(x_train), batch):
+            idx = order[i : i + batch]
+            x, y = utils.to_float(utils.augment(x_train[idx])), y_train[idx]
+            model.eval()
+            x_adv = ev.pgd_attack(model, x, y, epsilon, step_size, 2, norm=norm)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval().requires_grad_(False), data

@@ -290,7 +290,8 @@ def test_evaluate_reports_the_worst_class_beside_the_average_and_the_papers_rows
         assert row["worst_class_accuracy"] <= row["accuracy"]
     capsys.readouterr()
     table = ev.main(["--table", str(out / "final.eval.json"), "--worst-class", "--paper", "cifar10"])["table"]
-    header, _, ours, paper = table.splitlines()
+    threat, _, header, _, ours, paper = table.splitlines()
+    assert threat == "**Threat model: L-inf eps 8/255**"
     assert "| PGD20 Best worst | PGD20 Final worst |" in header and header.count("worst") == 8
     assert f"{100 * clean['worst_class_accuracy']:.2f}" in ours
     assert paper.startswith("|  | paper (cifar10) | CFA | 82.80 | 83.88 | 1.08 | – | – | 53.24 | 51.69 | 1.55 |")

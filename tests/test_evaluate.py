@@ -299,8 +299,9 @@ def test_table_gathers_runs_like_table_i(tmp_path, capsys):
                  {"clean": .8096, "pgd20": .5374, "cw20": .5172},
                  {"clean": .8284, "pgd20": .5281, "cw20": .5049}, n=500)
     ev.main(["--table", str(tmp_path / "pgdat"), str(tmp_path / "piat" / "eval.json"), "--out", str(tmp_path / "t.md")])
-    lines = (tmp_path / "t.md").read_text().splitlines()
-    assert lines[:4] == capsys.readouterr().out.splitlines()[:4] and len(lines) == 5
+    heading, blank, *lines = (tmp_path / "t.md").read_text().splitlines()
+    assert [heading, blank, *lines[:4]] == capsys.readouterr().out.splitlines()[:6]
+    assert heading == "**Threat model: L-inf eps 8/255**" and blank == "" and len(lines) == 5
     assert lines[4].startswith("<!-- written by evaluate.py --table; sha256 ")  # tells it from a file of the user's
     assert lines[0] == ("| Run | Dataset | Method | Clean Best | Clean Final | Clean Diff | PGD20 Best | PGD20 Final | "
                         "PGD20 Diff | CW Best | CW Final | CW Diff | AA Best | AA Final | AA Diff | n | notes |")
@@ -649,7 +650,7 @@ def test_compare_reports_the_difference_its_interval_and_the_exact_mcnemar_p(und
         assert c["diff"] == pytest.approx(-5 / 200) and c["ci_low"] < c["diff"] < c["ci_high"] <= 0
         assert (c["only_reference"], c["only_other"]) == (6, 1)
         assert c["p_value"] == pytest.approx(2 * sum(math_comb(7, k) for k in range(2)) / 2 ** 7)  # exact binomial
-    assert "| Other | PGD-AT | final | PGD20 |" in result["table"]
+    assert "| Other | PGD-AT | final | PGD20 (L-inf eps 8/255) |" in result["table"]
 
 
 def math_comb(n, k):

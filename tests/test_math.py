@@ -279,8 +279,8 @@ def test_each_baseline_uses_its_papers_attack_and_formula(monkeypatch, trained_m
     model, x, y = trained_model
     x, y = x[:16], y[:16]
     calls = attack_spy(monkeypatch)
-    args = SimpleNamespace(loss=loss, epsilon=8, step_size=2, pgd_steps=3, lam=2.0, beta=6.0, mail_bias=-1.5,
-                           mail_slope=1.0, mail_burn_in=5)
+    args = SimpleNamespace(loss=loss, norm="linf", epsilon=8, step_size=2, pgd_steps=3, lam=2.0, beta=6.0,
+                           mail_bias=-1.5, mail_slope=1.0, mail_burn_in=5)
     torch.manual_seed(0)
     model.eval()
     x_adv = tp.baseline_attack(model, x, y, args)

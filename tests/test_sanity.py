@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import evaluate as ev
 import sanity
 import utils
-from conftest import run_script
+from conftest import adversarially_trained_small_cnn, run_script
 
 # Small budgets (the defaults: sweep 0..64, PGD-100 x 3 restarts, Square 1000 queries)
 SMALL = sanity.SanitySettings(epsilons=(0.0, 4.0, 8.0, 32.0), long_steps=40, restarts=1, square_queries=100,
@@ -44,27 +44,7 @@ def honest(tmp_path_factory):
     """(model, run folder): a small-cnn (width 8) adversarially trained for 3 epochs (PGD-AT, PGD-2 at 8/255) on
     2,000 synthetic images, about 45 % clean and 18 % PGD-20 accuracy; the run folder holds it as best.pt and
     final.pt (identical weights). About 20 s."""
-    utils.seed_everything(0)
-    data = utils.load_dataset("synthetic", None)
-    x_train, y_train = data.x_train[:2000], data.y_train[:2000]
-    model = utils.build_model("small-cnn", 10, data.mean, data.std, width=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    epochs, batch = 3, 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * -(-len(x_train) // batch))
-    for _ in range(epochs):
-        order = torch.randperm(len(x_train))
-        for i in range(0, len(x_train), batch):
-            idx = order[i : i + batch]
-            x, y = utils.to_float(utils.augment(x_train[idx])), y_train[idx]
-            model.eval()
-            x_adv = ev.pgd_attack(model, x, y, 8 / 255, 5 / 255, 2)
-            model.train()
-            loss = F.cross_entropy(model(x_adv), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval().requires_grad_(False)
+    model, data = adversarially_trained_small_cnn(8 / 255, 5 / 255)
     run = tmp_path_factory.mktemp("pgdat")
     for name in ("best.pt", "final.pt"):
         utils.save_checkpoint(checkpoint(model, data), run / name)
@@ -131,7 +111,7 @@ def test_honest_model_passes_every_check(honest_results):
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(CHECKS, "PASS")
     # the numbers behind the PASSes: a model worth checking, attacks that work, a sweep from clean to 0
     sweep = results["eps-monotone"]["numbers"]
-    assert sweep["epsilons_255"] == [0.0, 4.0, 8.0, 32.0] and sweep["n"] == 96
+    assert sweep["epsilons"] == [0.0, 4.0, 8.0, 32.0] and sweep["n"] == 96
     clean, eps4, eps8, eps32 = sweep["accuracy"]
     assert clean >= 0.35 and clean - 0.1 > eps4 > eps8 >= 0.08 and eps32 == 0.0
     assert results["eps0-equals-clean"]["numbers"]["eps0"] == clean
@@ -144,7 +124,7 @@ def test_honest_model_passes_every_check(honest_results):
     gradients = results["gradients"]["numbers"]
     assert gradients["zero_ce"] == gradients["zero_margin"] == gradients["nonfinite"] == 0
     valid = results["valid-examples"]["numbers"]
-    assert valid["examples"] > 4 * 96 and valid["attacks"]["pgd20"]["max_linf_255"] == pytest.approx(8, abs=1e-3)
+    assert valid["examples"] > 4 * 96 and valid["attacks"]["pgd20"]["max_distance"] == pytest.approx(8, abs=1e-3)
     assert sorted(valid["attacks"]) == sorted(["pgd20", "cw20", "fgsm", "eps0", "pgd20@4", "pgd20@32", "pgd40#1",
                                                "square"])
     assert valid["attacks"]["square"]["attacked"] == round(96 * results["square-vs-white-box"]["numbers"]["white_box"])
@@ -197,7 +177,7 @@ def test_random_forward_fails_the_determinism_check_and_gets_eot(honest, images,
     assert results["zero-coordinates"]["status"] == results["finite-difference"]["status"] == "PASS"
     eot = results["valid-examples"]["numbers"]["attacks"]["eot-pgd"]
     clean = results["eps-monotone"]["numbers"]["accuracy"][0]
-    assert eot["attacked"] == round(96 * clean) and eot["max_linf_255"] == pytest.approx(8, abs=1e-3)
+    assert eot["attacked"] == round(96 * clean) and eot["max_distance"] == pytest.approx(8, abs=1e-3)
     worst = results["worst-case-reported"]["numbers"]
     assert worst["eot_pgd"] == eot["accuracy"] < clean and worst["worst_case"] <= worst["eot_pgd"]
     assert "EOT-PGD-20 (8 draws)" in results["worst-case-reported"]["detail"]
@@ -420,7 +400,7 @@ def test_adversarial_examples_outside_the_ball_fail_the_per_example_check(honest
     valid = results["valid-examples"]
     assert valid["status"] == "FAIL" and valid["numbers"]["outside_ball"] > 96
     assert valid["numbers"]["outside_box"] == valid["numbers"]["nan"] == 0
-    assert valid["numbers"]["attacks"]["pgd20"]["max_linf_255"] == pytest.approx(16, abs=1e-3)
+    assert valid["numbers"]["attacks"]["pgd20"]["max_distance"] == pytest.approx(16, abs=1e-3)
     # each fault by itself, straight into the per-example test
     x4 = x[:4]
     eps = 8 / 255

@@ -273,6 +273,19 @@ def test_bench_train_runs_with_tiny_settings(tmp_path, root):
     assert report["summary"]["forward_equivalents_per_image"] == 2 * 1 + 6
 
 
+def test_bench_train_times_l2_against_linf_in_turn(tmp_path):
+    """--norm both: our step under each norm, alternately in one process, as many timed steps of each; the ratios
+    are those of the median step times."""
+    out = tmp_path / "bench.json"
+    report = load_bench().main(["--arch", "small-cnn", "--batch-size", "8", "--warmup", "1", "--steps", "3",
+                                "--pgd-steps", "1", "--norm", "both", "--out", str(out)])
+    assert json.loads(out.read_text())["l2_over_linf_time"] == report["l2_over_linf_time"]
+    times = report["times"]
+    assert len(times["linf"]) == len(times["l2"]) == 3 and all(w > 0 and c > 0 for ts in times.values() for w, c in ts)
+    median = {norm: sorted(w for w, _ in ts)[1] for norm, ts in times.items()}
+    assert report["l2_over_linf_time"] == pytest.approx(median["l2"] / median["linf"])
+
+
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
     bench = importlib.util.module_from_spec(spec)
