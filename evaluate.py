@@ -136,8 +136,8 @@ def parse_args(argv=None):
     g.add_argument("--curve", action="store_true",
                    help="accuracy against eps of each checkpoint: robustness_curve.png, and class_accuracy.png")
     g.add_argument("--curve-epsilons", type=epsilon_list, default=None,
-                   help="the curve's eps in --norm's units (default: 0,1,2,4,8,12,16 linf, 0,0.125,...,2 l2; its PGD-20 "
-                        "steps eps/4)")
+                   help="the curve's eps in --norm's units (default: 0,1,2,4,8,12,16 linf, 0,0.125,...,2 l2; "
+                        "its PGD-20 steps eps/4)")
     g.add_argument("--curve-attacks", type=choice_list(("pgd20", "aa")), default=["pgd20"], help="of pgd20,aa")
     g.add_argument("--reported", type=str, default="best", choices=("best", "final"),
                    help="the checkpoint --card's RobustBench entry and --export describe")

@@ -14,12 +14,13 @@ it means and what to do:
   per example      robust implies correct clean; every x' within eps and in [0, 1], no NaN; the worst case per
                    example against the table's lowest number (and EOT-PGD-20 when the model is randomised)
 A gap is flagged only when it exceeds its tolerance by two standard errors of its paired, per-example difference.
-From Python: run_sanity_checks(model, x, y, SanitySettings(device="cuda")). Cost, in passes of PGD-20 over the same images: about 2 + 5
-x clean accuracy (the sweep) + 15 x the share robust to PGD-20 (3 restarts of PGD-100) + 17 x the share robust to
-every white-box attack (Square's 1000 queries) + the gradient probe (a float64 copy, 9-11 passes on at most 100
-images, more for a model that rounds; 0.2-0.3x at 200 images was measured when it took 5-7, one step h) + for a
-randomised model eot_draws x clean accuracy (EOT-PGD-20); measured on CIFAR-10 (2 CPU cores): 5.8x for an undefended
-ResNet-18, 8-12x for a PGD-AT small-cnn at 22 % PGD-20, about 20x for a ResNet-18 at 50 % (AutoAttack: ~50x)."""
+From Python: run_sanity_checks(model, x, y, SanitySettings(device="cuda")). Cost, in passes of PGD-20 over the same
+images: about 2 + 5 x clean accuracy (the sweep) + 15 x the share robust to PGD-20 (3 restarts of PGD-100) + 17 x the
+share robust to every white-box attack (Square's 1000 queries) + the gradient probe (a float64 copy, 9-11 passes on
+at most 100 images, more for a model that rounds; 0.2-0.3x at 200 images was measured when it took 5-7, one step h) +
+for a randomised model eot_draws x clean accuracy (EOT-PGD-20); measured on CIFAR-10 (2 CPU cores): 5.8x for an
+undefended ResNet-18, 8-12x for a PGD-AT small-cnn at 22 % PGD-20, about 20x for a ResNet-18 at 50 % (AutoAttack:
+~50x)."""
 
 import copy
 import dataclasses

@@ -275,7 +275,8 @@ def read_json(path, default=None):
 
 
 def eval_rows(folder, threat):
-    """{(role, attack): eval.json's result row} of a run folder (or its view) under `threat` (and its clean accuracy)."""
+    """{(role, attack): eval.json's result row} of a run folder (or its view) under `threat`, and its clean
+    accuracy."""
     rows = read_json(folder / "eval.json", {}).get("results", [])
     return {(r["role"], r["attack"]): r for r in rows if threat_of(r) in (None, threat)}
 
@@ -645,9 +646,9 @@ CPA_TABLES = {"table2": ("II", "WRN-32-10"), "table3": ("III", "PIAT + each loss
 SIGNIFICANCE = ("Δ vs {0}: accuracy minus {0}'s (points) [95 % interval: paired bootstrap over the test images], p: "
                 "exact McNemar test on the images one gets right and the other wrong, seeds paired in order; * p < "
                 "0.05; – no per-image results on the same images (an older evaluate.py's: evaluate the run again).")
-SEED_INTERVALS = ("Δ over seeds: the mean over seeds of the difference to {0}'s run of the same seed [95 % t-interval over "
-                  "the seeds]; oscillation: the mean |change| of test PGD-20 accuracy from one epoch to the next after "
-                  "the first quarter of training (metrics.csv).")
+SEED_INTERVALS = ("Δ over seeds: the mean over seeds of the difference to {0}'s run of the same seed [95 % "
+                  "t-interval over the seeds]; oscillation: the mean |change| of test PGD-20 accuracy from one epoch "
+                  "to the next after the first quarter of training (metrics.csv).")
 
 
 def read_metrics(path):
@@ -715,8 +716,9 @@ def oscillation(values):
 def seed_interval(results, reference, run_dirs, role, attack):
     """The mean over seeds of `run_dirs`' value minus the `reference` run's of the same seed, with its 95 %
     t-interval over the seeds: "+1.20 [-0.4, +2.8]"; "–" with fewer than two seeds of both."""
-    pairs = [(a[0], b[0]) for a, b in ((seed_values(results, [d], role, attack), seed_values(results, [r], role, attack))
-                                       for r, d in zip(reference, run_dirs)) if a and b]
+    values = ((seed_values(results, [d], role, attack), seed_values(results, [r], role, attack))
+              for r, d in zip(reference, run_dirs))
+    pairs = [(a[0], b[0]) for a, b in values if a and b]
     if len(pairs) < 2:
         return "–"
     diffs = 100 * np.array([a - b for a, b in pairs])
@@ -915,8 +917,8 @@ def write_report(the_plan, out_dir):
         raise utils.UserError(f"no run of {', '.join(dict.fromkeys(g for g, _ in the_plan.tables))} has results yet: "
                               "nothing to report (another --sweep-dir?)")
     for grid in dict.fromkeys(grid for grid, _ in the_plan.tables):
-        sections = [f"Threat model: {threat}" + ("" if threat == PAPER_THREAT else " (the paper measured L-inf eps "
-                                                                                 "8/255 only: its numbers are left out)")]
+        sections = [f"Threat model: {threat}" + (
+            "" if threat == PAPER_THREAT else " (the paper measured L-inf eps 8/255 only: its numbers are left out)")]
         for dataset in [ds for g, ds in the_plan.tables if g == grid]:
             markdown, figures = grid_report(the_plan, grid, dataset, results)
             for name, fig in figures.items():

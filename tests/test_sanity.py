@@ -81,8 +81,8 @@ def resnet():
 
 @pytest.fixture(scope="module")
 def honest_results(honest, images):
-    """The checklist on the honest model through its one entry point, sanity.run_sanity_checks (and a check that it leaves the model as
-    it was)."""
+    """The checklist on the honest model through its one entry point, sanity.run_sanity_checks (and a check that it
+    leaves the model as it was)."""
     model, _ = honest
     weights = utils.state_fingerprint(model)
     results = sanity.run_sanity_checks(model, *images, SMALL)
