@@ -53,8 +53,7 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
     def refused(self, saved):
-        """What this parser refuses among a run's saved flags `saved`, in a few words, or None: a flag missing, a value
-        its type or choices refuse, or of another type ("2" for an int)."""
+        """What this parser refuses among a run's saved flags `saved` (missing, refused, "2" for an int), or None."""
         for action in (a for a in self._actions if a.default is not argparse.SUPPRESS):
             value = saved.get(action.dest)
             flag = next((o for o in action.option_strings if o.startswith("--")), action.dest)
@@ -94,8 +93,7 @@ EPSILONS = {"linf": 8.0, "l2": 0.5}  # --norm -> the default --epsilon: the pape
 
 
 def attack_units(parser, args, l2_step=None):
-    """--epsilon and --step-size by --norm where not given (EPSILONS; steps L-inf 2, L2 l2_step or eps/4); a step of
-    0 is refused, a value almost surely in the other norm's units gets a warning."""
+    """--epsilon, --step-size by --norm where not given (L2 step: l2_step or eps/4); 0 refused, other units warned."""
     linf = args.norm == "linf"
     args.epsilon = EPSILONS[args.norm] if args.epsilon is None else args.epsilon
     args.step_size = (2.0 if linf else l2_step or args.epsilon / 4) if args.step_size is None else args.step_size
@@ -127,8 +125,7 @@ def first_line(err):
 
 
 def seed_everything(*seeds):
-    """Seed python, numpy and torch from one seed, or from several (e.g. seed, epoch, rank): the training scripts
-    seed every epoch afresh, so a resumed run needs no generator state and nothing else shifts training's draws."""
+    """Seed python, numpy and torch from one seed, or several (seed, epoch, rank: each epoch seeded afresh)."""
     seed = seeds[0] if len(seeds) == 1 else int(np.random.SeedSequence(seeds).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
@@ -157,8 +154,7 @@ def pick_device(name=None):
 
 
 def setup_distributed(device_name=None):
-    """(rank, world size, device): joins the process group when torchrun started us (NCCL, one GPU per process;
-    gloo on CPUs), else (0, 1, device)."""
+    """(rank, world size, device): in torchrun's process group (NCCL, one GPU each; gloo on CPUs), else (0, 1)."""
     device, world_size = pick_device(device_name), int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, device
@@ -227,9 +223,7 @@ BF16_MARGIN, PROBE_IMAGES = 1.2, 8  # bf16 only when clearly faster (runs vary b
 
 
 def settle_amp(args, device, model, batch_shape, channels_last=True):
-    """Resolve --amp (None: not given) and return the precision and why, for the run's first line: bf16 on CUDA; on
-    a CPU with bf16 kernels, bf16 when the run's own model on PROBE_IMAGES of its batch measures BF16_MARGIN x fp32
-    (rank 0 measures for every rank; remembered_speedup); fp32 elsewhere. --amp/--no-amp and --resume keep theirs."""
+    """Resolve --amp (None: not given; docs/training.md) and return the precision and why, for the first line."""
     if args.amp is not None:
         why = "as the run started" if getattr(args, "resume", None) else "--amp" if args.amp else "--no-amp"
     elif device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -247,8 +241,7 @@ def settle_amp(args, device, model, batch_shape, channels_last=True):
 
 
 def remembered_speedup(arch, model, shape, channels_last):
-    """(bf16_speedup, how it is kept): measured once per CPU, thread count, torch version, model and input, then
-    read back from $XDG_CACHE_HOME/piat/amp.json (default ~/.cache); a noisy measurement is used but not kept."""
+    """(bf16_speedup, how it is kept) from $XDG_CACHE_HOME/piat/amp.json, else measured (kept unless noisy)."""
     key = (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}: "
            f"{arch} ({sum(p.numel() for p in model.parameters())} weights) on {'x'.join(map(str, shape))}"
            f"{' channels_last' * channels_last}")
@@ -271,9 +264,8 @@ def remembered_speedup(arch, model, shape, channels_last):
 
 
 def bf16_speedup(model, x):
-    """(fp32 time / bf16-autocast time, steady) of the attack's pass (forward, input-gradient backward) of `model` in
-    eval mode on x, alternating: each one's fastest of 2-5 passes after an untimed one (about a second), steady when
-    its second fastest is within 15 %. The weights, buffers and global random stream are left as they were."""
+    """(fp32 time / bf16 time, steady) of the attack's pass on x in eval mode: fastest of 2-5 alternating passes
+    after an untimed one, steady when the second fastest is within 15 %. The model and random stream are kept."""
     was_training, times, start = model.training, {False: [], True: []}, time.perf_counter()
     model.eval()
     while len(times[True]) < 3 or len(times[True]) < 6 and time.perf_counter() - start < 1:
@@ -309,8 +301,7 @@ DOWNLOAD_HINTS = {"cifar10": "cifar-10-python.tar.gz from https://www.cs.toronto
 
 
 class ImageData:
-    """A data set: `x_*` uint8 (N, C, H, W), `y_*` int64 (N,); `flip`: whether horizontal flips keep the label;
-    `stats`: the channels' (mean, std), measured on x_train when not given."""
+    """uint8 (N, C, H, W) images, int64 labels; `flip`: flips keep the label; `stats`: (mean, std), else measured."""
 
     def __init__(self, x_train, y_train, x_test, y_test, num_classes, flip=True, stats=None):
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
@@ -323,10 +314,8 @@ class ImageData:
 
 @functools.lru_cache(maxsize=1)  # made once per process: the notebook's quick mode and the tests ask often
 def synthetic_images(num_classes=10, train_size=4000, test_size=1000, image_size=32, seed=0):
-    """A small learnable image set: each class a smooth random colour pattern (contrast +-0.18) at a random shift,
-    plus a smooth distractor (+-0.2) and pixel noise (sd 0.1) around grey. Like real images it is easy to learn
-    and easy to attack (a clean-trained small-cnn: ~90 % clean, ~10 % PGD-20 accuracy at 8/255); the same
-    `seed` gives the same images, whatever the run's seed. (x_train, y_train, x_test, y_test)."""
+    """(x_train, y_train, x_test, y_test): per class a smooth colour pattern (+-0.18) at a random shift, a smooth
+    distractor (+-0.2) and noise (sd 0.1) around grey (docs/method.md); the same `seed`, the same images."""
     gen = torch.Generator().manual_seed(seed)
 
     def smooth(n, size):
@@ -426,9 +415,8 @@ def fixed_subset(n_total, n, seed=0):
 
 
 def split_data(data, args, device):
-    """The fixed subsets every seed shares, on `device` as uint8: "val" (--val-size images held out of training),
-    "train" (--train-size of the rest) and "test" (--eval-size test images, default 1000 or all when fewer, and
-    "test_indices", their indices in the test set)."""
+    """The fixed subsets every seed shares, uint8 on `device`: "val" (--val-size held out), "train" (--train-size of
+    the rest), "test" (--eval-size, default 1000 or all) and "test_indices"."""
     order = fixed_subset(len(data.x_train), None)
     args.eval_size = min(1000, len(data.x_test)) if args.eval_size is None else args.eval_size  # the default
     for flag, wanted, have in (("--val-size", args.val_size, len(order) - 1),
@@ -462,9 +450,8 @@ def to_float(x_uint8):
 
 
 def epoch_batches(x_train, y_train, args, epoch, flip, rank=0, world_size=1, channels_last=True):
-    """(step, steps, x float in [0, 1], y) of an epoch's steps: one permutation seeded by --seed and the
-    epoch (the same on every rank and after --resume), each rank taking its share of every global batch (under
-    torchrun only whole batches: the rest is dropped), augmented on the device."""
+    """(step, steps, x in [0, 1], y): a permutation seeded by --seed and the epoch, each rank its share of every
+    global batch (torchrun: whole batches only), augmented on the device."""
     if world_size > 1 and len(x_train) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} (the global batch) is larger than the {len(x_train)} "
                         "training images")
@@ -478,8 +465,7 @@ def epoch_batches(x_train, y_train, args, epoch, flip, rank=0, world_size=1, cha
 
 
 def progress(iterable, **kwargs):
-    """tqdm on stderr, off only with TQDM_DISABLE=1 (the tests): in a terminal or notebook it redraws, in a log
-    (Slurm, a pipe) it writes a line at most every 10 s, so no long wait passes without a sign of life."""
+    """tqdm on stderr (off with TQDM_DISABLE=1): redrawn in a terminal or notebook, in a log a line every 10 s."""
     from tqdm import tqdm
 
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() or "ipykernel" in sys.modules else 10)
@@ -555,8 +541,7 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-32-10 in Madry et al.'s counting (5 blocks per stage, 10x wide): the network the TRADES/MART code calls
-    WideResNet(depth=34). Keys conv1, block1..3.layer.N.*, bn1, fc."""
+    """WRN-32-10 (Madry et al.'s count; TRADES/MART's WideResNet(depth=34)): keys conv1, block1..3.layer.N, bn1, fc."""
 
     def __init__(self, num_classes=10, blocks_per_stage=5, widen=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
         super().__init__()
@@ -580,8 +565,7 @@ class WideResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Four conv-BatchNorm layers for CPU runs: one PGD-10 epoch over 4,660 CIFAR images takes about 40 s on 2 cores
-    (docs/real-images.md), and it learns CIFAR-10 to a useful robust accuracy."""
+    """Four conv-BatchNorm layers for CPU runs (docs/real-images.md)."""
 
     def __init__(self, num_classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), width=32):
         super().__init__()
@@ -607,8 +591,7 @@ class NormalizedNet(nn.Module):
 
 
 def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **model_kwargs):
-    """The network `arch` with its input normalisation built in (mean 0, std 1: input as it comes). A timm name is
-    built randomly initialised with `model_kwargs` (what a checkpoint's "model_kwargs" holds)."""
+    """The network `arch` normalising its input itself; a timm name randomly initialised with `model_kwargs`."""
     cnns = {"resnet18": ResNet18, "wrn-32-10": WideResNet, "small-cnn": SmallCNN}
     if arch in cnns:
         return cnns[arch](num_classes, mean=mean, std=std, **model_kwargs)
@@ -625,8 +608,7 @@ def build_model(arch, num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **
 
 
 def atomic_write(path, write):
-    """write(binary file) into a temporary file beside `path`, then rename it over `path`: a crash leaves the old
-    file or the new one, never half of one. A failing file system raises an OSError naming `path`."""
+    """write(binary file) beside `path`, then renamed over it: never half a file; an OSError names `path`."""
     path, tmp = Path(path), None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -652,9 +634,8 @@ def save_json(obj, path):
 
 
 def check_output(path, flag, ours):
-    """`path`, or one UserError unless it can be written (a file in a writable folder) and is new or this command's
-    own output: ours(path), or with `ours` a writer's name, text signed(..., ours) wrote, unedited. Nothing anyone
-    else wrote, nor an output edited since, is ever replaced."""
+    """`path`, or one UserError unless it is writable and new or this command's own, unedited: ours(path), or with
+    `ours` a writer's name, a text signed(..., ours) wrote."""
     path = Path(path)
     if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise UserError(f"{path} cannot be written (a folder, or not in a writable folder); choose another {flag}")
@@ -667,8 +648,7 @@ def check_output(path, flag, ours):
 
 
 def signed(text, by):
-    """`text` with a last line (a Markdown comment) that tells this output of `by` from any other file and from an
-    edited copy of itself (check_output)."""
+    """`text` with a last line (a Markdown comment) that check_output knows as `by`'s, unedited."""
     return text + f"<!-- written by {by}; sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]} -->\n"
 
 
@@ -691,8 +671,7 @@ def not_a_torch_file(path):
 
 
 def load_checkpoint(path, mmap=False):
-    """A checkpoint of this project on the CPU, loaded with weights_only=True (it runs no pickled code); one
-    UserError for a missing, empty, truncated or foreign file. mmap=True maps the tensors instead of reading them."""
+    """A checkpoint of this project on the CPU (weights_only, mmap: maps the tensors); one UserError if it is not."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
@@ -724,8 +703,7 @@ def check_out_dir(out_dir):
 
 
 def make_run_dir(args, script):
-    """The folder of a new run of `script` (check_out_dir), with args.json in it: --out-dir, or
-    runs/<dataset>__<exp-name>__<seed>__<unix time>."""
+    """--out-dir (default runs/<dataset>__<exp-name>__<seed>__<unix time>) made, with args.json in it."""
     if args.out_dir is None:
         args.out_dir = f"runs/{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = check_out_dir(args.out_dir)
@@ -741,9 +719,7 @@ RESUME_MAY_CHANGE = {"resume", "device", "data_dir", "track", "wandb_project", "
 
 
 def resume_args(args, script):
-    """(the run's own flags, its final.pt or None) to continue --resume RUN (a run folder or a file in it). The flags
-    the run started with win, except --device, --data-dir (when given) and --track; any other flag typed with a value
-    of its own is refused. A run of another script gets one UserError; a run that saved no epoch starts over."""
+    """(the run's own flags, its final.pt or None) to continue --resume RUN, as docs/failures.md says."""
     run_dir = Path(args.resume)
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     try:
@@ -783,9 +759,8 @@ def resume_args(args, script):
 
 
 def save_epoch(run_dir, checkpoint, training_state, column, log, last):
-    """End of an epoch: best.pt when this epoch beats every earlier one on `column` (ties keep the earlier), final.pt
-    with `training_state` (what --resume needs), then the metrics.csv row and, after the last epoch or at most every
-    30 s, curves.png. Checkpoints first: a logged row always has its weights."""
+    """best.pt when the epoch beats every earlier one on `column`, final.pt with `training_state`, then (a logged row
+    always has its weights) the metrics.csv row and curves.png (at the end, else at most every 30 s)."""
     metrics = checkpoint["metrics"]
     if metrics[-1][column] > max((m[column] for m in metrics[:-1]), default=-1.0):
         save_checkpoint(checkpoint, run_dir / "best.pt")
@@ -802,10 +777,8 @@ def save_epoch(run_dir, checkpoint, training_state, column, log, last):
 
 
 class MetricsLog:
-    """metrics.csv, one row per epoch, flushed as it goes; the same scalars (step = epoch) as TensorBoard events in
-    RUN/tensorboard and, with --track, to a W&B run (named WANDB_NAME or the folder's name, grouped by
-    WANDB_RUN_GROUP). A resumed run writes its restored `rows` again (TensorBoard drops its older events, W&B
-    continues the run of args.wandb_id), so both always read back as metrics.csv."""
+    """metrics.csv, TensorBoard events and (--track) a W&B run named WANDB_NAME or the folder's (docs/training.md);
+    a resumed run writes its restored `rows` again, so all three read back alike."""
 
     def __init__(self, run_dir, fields, rows, args):
         self.run_dir, self.plotted, self.wandb = Path(run_dir), time.monotonic(), None
@@ -860,9 +833,8 @@ LOSS_NAMES = {"ce": "PGD-AT", "nmse": "NMSE", "alp": "ALP", "trades": "TRADES", 
 
 
 def method_name(args, script="train_piat.py"):
-    """A run's one name (curves.png, every table and card) from its flags (dict or Namespace) and script: "PGD-AT",
-    "PIAT" (PGD-AT with PIAT), "PIAT + NMSE", "PGD-AT + EMA", "RDAT + PIAT", "vit_base_patch16_224: PIAT + A&P", ...
-    A reported weight average (--ema, --swa-start) is part of the name; CFA's own (FAWA) is part of CFA."""
+    """A run's one name from its flags (dict or Namespace) and script: "PIAT + NMSE", "PGD-AT + EMA", "RDAT + PIAT",
+    "vit_base_patch16_224: PIAT + A&P", ..."""
     args, script = args if isinstance(args, dict) else vars(args), Path(script).stem
     if script == "train_rdat":
         return ("RDAT" if args["lam"] > 0 else "Generalist") + (" + PIAT" if args["piat"] else "")
@@ -877,10 +849,7 @@ def method_name(args, script="train_piat.py"):
 
 
 def plot_curves(metrics, path, args, script):
-    """curves.png, titled with the run's method_name: accuracy per epoch (left; dotted, the other weights a run
-    evaluates: the trained ones beside a weight average, RDAT's robust learner), the training loss with PIAT's
-    alpha and RDAT's beta (right). Only the lines that mean something for the run; legends off the data. Returns
-    the Figure."""
+    """curves.png as docs/training.md describes it; returns the Figure."""
     from matplotlib.figure import Figure  # no pyplot: drawing here never changes a notebook's backend
 
     args = args if isinstance(args, dict) else vars(args)
@@ -934,9 +903,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def check_finite(epoch, step, **values):
-    """Raise Diverged when a loss (by name: training_loss=loss) is nan or inf at the 0-indexed epoch and step. One
-    host synchronisation per step, against the eleven forward and backward passes of a PGD-10 step; summed over
-    the ranks, so that every rank stops at the same step."""
+    """Raise Diverged when a loss (training_loss=loss) is not finite on any rank (one host sync per step)."""
     stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
     for name, value, bad in zip(values, stacked.tolist(), all_reduce_sum_((~torch.isfinite(stacked)).float()).tolist()):
         if bad:
@@ -963,9 +930,8 @@ STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGUSR2"
 
 
 class StopSignals:
-    """Ctrl-C, SIGTERM (what Slurm sends before it preempts a job) and SIGUSR2: the first one lets the epoch finish
-    and be saved, then check() ends the run with the exact --resume command; a second one stops at once (final.pt
-    keeps the last saved epoch). A signal the process was told to ignore stays ignored."""
+    """Ctrl-C, SIGTERM and SIGUSR2 as docs/failures.md says: the first lets the epoch be saved, a second stops at
+    once. A signal the process was told to ignore stays ignored."""
 
     def __init__(self, script_file):
         name = os.path.basename(script_file)
@@ -1005,9 +971,7 @@ class StopSignals:
 
 
 def run_main(main, script_file):
-    """What a script's `if __name__ == "__main__":` runs: main(), and for every way it can end early one line on
-    stderr ("<script>: ...") and its exit status, returned for sys.exit: 1 bad input, 3 diverged, 4 the machine
-    (a full disk, out of memory), 128 + N a stop signal. A bug keeps its traceback."""
+    """main(); an early end as one line on stderr and its exit status (docs/failures.md), a bug with its traceback."""
     try:
         status = main()  # sweep.py's says whether a run failed
         return status if isinstance(status, int) else 0
