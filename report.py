@@ -159,6 +159,21 @@ def landscape_for(model, x, y, args, device, common, stem):
     return entry
 
 
+def plot_landscapes(run_dirs):
+    """Fig. 8 of sweep.py's report: the final.landscape.npz surfaces landscape_for saved, of {method: run folder}."""
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
+
+    surfaces = {name: np.load(Path(d) / "final.landscape.npz") for name, d in run_dirs.items()}
+    zmax = max(float(s["loss"].max()) for s in surfaces.values())
+    fig = Figure(figsize=(11, 4.5))
+    for i, (name, s) in enumerate(surfaces.items()):
+        ax = fig.add_subplot(1, len(surfaces), i + 1, projection="3d")
+        a, b = np.meshgrid(s["a"], s["b"], indexing="ij")
+        ax.plot_surface(a, b, s["loss"], cmap="viridis", vmin=0, vmax=zmax)
+        ax.set(title=f"{name}: min {s['loss'].min():.2f}, max {s['loss'].max():.2f}", xlabel="a", ylabel="b",
+               zlabel="adversarial CE", zlim=(0, zmax))
+    fig.suptitle("Fig. 8: loss landscape under PGD")
+    return fig
 
 
 # === Is a difference real? Paired over the same images, and over seeds

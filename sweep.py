@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 import utils
 from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list
 from evaluate import parse_args as evaluate_args
-from report import compare_flags, threat_of
+from report import compare_flags, plot_landscapes, threat_of
 from utils import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -170,8 +170,7 @@ PAPER_THREAT = utils.threat_model("linf", utils.EPSILONS["linf"])  # the paper's
 
 
 class Run(namedtuple("Run", "dataset name seed script flags run_dir steps threat", defaults=(PAPER_THREAT,))):
-    """One training run: `script` with `flags` (the data set's included), the seed, its folder and evaluations, and
-    the threat model it is trained and evaluated under (as evaluate.py's tables name it)."""
+    """One training run: `script` with `flags`, seed, folder, evaluations and threat model (as evaluate.py names it)."""
     key = property(lambda self: f"{self.dataset}/{self.name}/seed{self.seed}")
 
 
@@ -181,8 +180,7 @@ Plan = namedtuple("Plan", "runs tables")  # runs: folder -> Run; tables: (grid, 
 def plan(grids, profile="paper", datasets=None, seeds=1, extra=(), sweep_dir="runs/sweep", attacks=None,
          n_examples=None, norm="linf", epsilon=None):
     """The Plan of `grids` for seeds 0..seeds-1; `extra` flags go to every training command, the threat model (norm,
-    epsilon in its units; None: the norm's default) to every training and evaluate.py command. A run of another
-    threat model than the paper's L-inf 8/255 has a folder of its own (NAME-l2, NAME-eps16, NAME-l2-eps1)."""
+    epsilon; None: the norm's default) to every command too, and to the run's name (docs/sweeps.md)."""
     P, sweep_dir, result = PROFILES[profile], Path(sweep_dir).absolute(), Plan({}, {})
     epsilon = None if epsilon == utils.EPSILONS[norm] else epsilon
     threat_flags = (*(("--norm", norm) if norm != "linf" else ()), *(("--epsilon", f"{epsilon:g}") if epsilon else ()))
@@ -241,8 +239,7 @@ def read_json(path, default=None):
 
 
 def eval_rows(folder, threat):
-    """{(role, attack): eval.json's result row} of a run folder (or its view) under `threat`, and its clean
-    accuracy."""
+    """{(role, attack): eval.json's result row} of a run folder (or its view) under `threat`, and clean accuracy."""
     rows = read_json(folder / "eval.json", {}).get("results", [])
     return {(r["role"], r["attack"]): r for r in rows if threat_of(r) in (None, threat)}
 
@@ -320,8 +317,7 @@ def run_state(run, logs=None):
     return State("to do", "trained; evaluates " + ", ".join(",".join(s.attacks) or "the landscape" for s in steps))
 
 
-# what may differ between a run's args.json and the sweep's command for the same run
-RUN_ONLY_ARGS = {"out_dir", "resume", "device", "data_dir", "track", "wandb_project", "wandb_entity", "exp_name"}
+RUN_ONLY_ARGS = utils.RESUME_MAY_CHANGE | {"out_dir", "exp_name"}  # may differ in args.json from the sweep's own
 
 
 def script_flags(script, flags, what):
@@ -351,8 +347,7 @@ def _child_setup():
 
 
 class RunJob:
-    """A submitit job for one run: next_commands() when it starts. Preempted or out of time (Slurm's USR2), submitit
-    calls checkpoint(): the training is stopped (SIGTERM: it saves its epoch and exits) and the job requeued."""
+    """A submitit job for one run: next_commands() when it starts; checkpoint() when it is to be requeued."""
 
     def __init__(self, run, gpus=1, env=None):
         self.run, self.gpus, self._proc = run, gpus, None
@@ -449,8 +444,8 @@ def log_tail(record, n=12, logs=("stderr", "stdout")):
 
 
 def launch_local(runs, jobs, logs, adopted=()):
-    """Run `runs` here, `jobs` at a time, each on one GPU or its share of the CPU cores, and wait for them and for the
-    `adopted` runs (jobs an earlier sweep started here). A failure stops no other run. Returns the failures."""
+    """Run `runs` here, `jobs` at a time (docs/sweeps.md), and wait for them and the `adopted` runs (jobs an earlier
+    sweep started here). Returns the failures."""
     import submitit
     import torch
 
@@ -548,8 +543,7 @@ def launch_slurm(runs, args, logs):
 
 
 def run_inline(runs, logs):
-    """Each of `runs` in this process, each script's main() called (its epoch bars shown here), its outcome recorded
-    as a job's is (a diverged run is then reported, not retried). Returns the failures."""
+    """Each of `runs` in this process (its scripts' main()), its outcome recorded as a job's. Returns the failures."""
     failed = 0
     for number, run in enumerate(runs, 1):
         print(f"run {number}/{len(runs)}: {run.key} ({run_state(run).detail})", flush=True)
@@ -643,8 +637,7 @@ def collect(the_plan):
 
 
 def run_metrics(run_dir):
-    """metrics.csv's rows of a run folder; of its view RUN/trained, the run's rows with the trained weights' raw_*
-    columns in place of the average's."""
+    """metrics.csv's rows of a run folder; of its view RUN/trained, the run's rows with raw_* as the columns."""
     if run_dir.name != "trained":
         return read_metrics(run_dir / "metrics.csv")
     return [{**row, **{k[len("raw_"):]: v for k, v in row.items() if k.startswith("raw_") and v is not None}}
@@ -680,8 +673,7 @@ def oscillation(values):
 
 
 def seed_interval(results, reference, run_dirs, role, attack):
-    """The mean over seeds of `run_dirs`' value minus the `reference` run's of the same seed, with its 95 %
-    t-interval over the seeds: "+1.20 [-0.4, +2.8]"; "–" with fewer than two seeds of both."""
+    """Mean over seeds of `run_dirs`' value minus `reference`'s, with its 95 % t-interval; "–" under two seeds."""
     values = ((seed_values(results, [d], role, attack), seed_values(results, [r], role, attack))
               for r, d in zip(reference, run_dirs))
     pairs = [(a[0], b[0]) for a, b in values if a and b]
@@ -693,8 +685,7 @@ def seed_interval(results, reference, run_dirs, role, attack):
 
 
 def versus(results, reference, run_dirs, role, attack):
-    """`run_dirs` against the `reference` run folders (seeds paired in order) by report.compare_flags on eval.json's
-    per-image results: "+1.20 [-0.4, +2.8] p=0.13", " *" added when p < 0.05; "–" without them."""
+    """`run_dirs` against `reference`'s (seeds paired in order) by report.compare_flags; "–" without per_image."""
     pairs = [[results[d]["eval"].get((role, attack), {}) for d in pair] for pair in zip(reference, run_dirs)]
     if not pairs or len({(r.get("dataset"), str(r.get("indices"))) for pair in pairs for r in pair}) > 1 or any(
             "per_image" not in r for pair in pairs for r in pair):  # every seed of both, on the same images
@@ -705,10 +696,8 @@ def versus(results, reference, run_dirs, role, attack):
 
 
 def accuracy_markdown(title, rows, results, cells, first=("Method",), paper=None, reference=None, over_seeds=False):
-    """A table of (label cells, run folders) `rows`: each (role, attack) of `cells` as mean ± std over the seeds, and
-    n, the seeds. Under each row: with `reference` (a row's label) its difference to the reference's runs with its
-    significance over the images (and with `over_seeds` over the seeds), and with `paper` (the paper's data set, per
-    row its numbers or None) the paper's."""
+    """A table of (label cells, run folders) `rows`: each (role, attack) of `cells` as mean ± std over the seeds;
+    under each row its difference to `reference`'s (a row's label), and `paper`'s numbers (data set, per row)."""
     second, mixed = paper is not None or reference is not None, len({role for role, _ in cells}) > 1
     header = [*first, *[""] * second, *(ATTACK_TITLES[a] + f" {role}" * mixed for role, a in cells), "n"]
     against, blank, lines = {cells_[0]: dirs for cells_, dirs in rows}.get(reference), [""] * len(first), []
@@ -751,8 +740,7 @@ def plot_mean_curves(table, results, title, columns=("test_pgd20_acc",)):
 
 
 def curves_csv(table, results, columns=("test_clean_acc", "test_pgd20_acc")):
-    """metrics.csv's `columns` of every run of `table` as one tidy CSV (method, seed, epoch, columns...): the numbers
-    behind a curve figure, small enough to keep beside it."""
+    """metrics.csv's `columns` of every run of `table` as one tidy CSV (method, seed, epoch, columns...)."""
     lines = [",".join(("method", "seed", "epoch", *columns))]
     for name, dirs in table.items():
         for seed, d in enumerate(dirs):
@@ -762,8 +750,7 @@ def curves_csv(table, results, columns=("test_clean_acc", "test_pgd20_acc")):
 
 
 def curves_from_csv(text):
-    """(table, results) of a curves_csv text, as plot_mean_curves takes them: a saved study's figure drawn again from
-    its numbers, without its runs."""
+    """(table, results) of a curves_csv text, as plot_mean_curves takes them: the figure again without its runs."""
     table, results = {}, {}
     for row in csv.DictReader(io.StringIO(text)):
         key = (row.pop("method"), int(row.pop("seed")))
@@ -785,21 +772,6 @@ def plot_bars(groups, results, title, ylabel):
     ax.set(ylabel=f"{ylabel} (%), best checkpoint", title=title)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def plot_landscapes(run_dirs):
-    """Fig. 8: the loss surfaces evaluate.py --landscape saved (final.landscape.npz) of {method: run folder}."""
-    surfaces = {name: np.load(Path(d) / "final.landscape.npz") for name, d in run_dirs.items()}
-    zmax = max(float(s["loss"].max()) for s in surfaces.values())
-    fig = Figure(figsize=(11, 4.5))
-    for i, (name, s) in enumerate(surfaces.items()):
-        ax = fig.add_subplot(1, len(surfaces), i + 1, projection="3d")
-        a, b = np.meshgrid(s["a"], s["b"], indexing="ij")
-        ax.plot_surface(a, b, s["loss"], cmap="viridis", vmin=0, vmax=zmax)
-        ax.set(title=f"{name}: min {s['loss'].min():.2f}, max {s['loss'].max():.2f}", xlabel="a", ylabel="b",
-               zlabel="adversarial CE", zlim=(0, zmax))
-    fig.suptitle("Fig. 8: loss landscape under PGD")
     return fig
 
 
@@ -876,8 +848,7 @@ def threat_of_plan(the_plan):
 
 
 def write_report(the_plan, out_dir):
-    """REPORT_DIR/<grid>.md for each grid (every data set) and its figures under REPORT_DIR/<dataset>/, each written
-    whole; nothing is written when a file there is not an unchanged one of an earlier report."""
+    """REPORT_DIR/<grid>.md and the figures under REPORT_DIR/<dataset>/; nothing if a file there is not our own."""
     out_dir, results, files, threat = Path(out_dir), collect(the_plan), {}, threat_of_plan(the_plan)
     if not any(r["eval"] or r["metrics"] for r in results.values()):
         raise utils.UserError(f"no run of {', '.join(dict.fromkeys(g for g, _ in the_plan.tables))} has results yet: "
