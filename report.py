@@ -241,7 +241,8 @@ def compare(rows, titles, out=None):
         everyone = (*reference_runs.values(), *runs.values())
         cells = sorted(set.intersection(*(set(r) for r in everyone)),
                        key=lambda c: (c[2] or "", c[0], list(titles).index(c[1])))
-        for role, attack in set.intersection(*({c[:2] for c in r} for r in everyone)) - {c[:2] for c in cells}:
+        for role, attack in sorted(set.intersection(*({c[:2] for c in r} for r in everyone)) - {c[:2] for c in cells},
+                                   key=lambda c: (c[0], list(titles).index(c[1]))):
             measured_alike([next(v for c, v in r.items() if c[:2] == (role, attack)) for r in everyone], role, attack)
         for role, attack, threat in cells:  # never two threat models (or radii) compared with each other
             measured_alike([r[(role, attack, threat)] for r in everyone], role, attack)
@@ -283,7 +284,8 @@ def threat_of(row):
     """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
     norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
     epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
-    return None if row["attack"] == "clean" else utils.threat_model(norm, epsilon)
+    return None if row["attack"] == "clean" else utils.threat_model(norm, utils.EPSILONS[norm] if epsilon is None
+                                                                    else epsilon)  # no eps: the norm's default
 
 
 def configuration_names(methods):

@@ -757,7 +757,8 @@ def test_compare_and_table_never_write_over_a_file_that_is_not_their_own_output(
     table = tmp_path / "table.md"
     for _ in range(2):  # its own output, unedited: written again
         ev.main(["--table", *runs, "--out", str(table)])
-    assert table.read_text().startswith("| Run |") and table.read_text().count("<!-- written by evaluate.py") == 1
+    assert table.read_text().startswith("**Threat model: L-inf eps 8/255**\n\n| Run |")
+    assert table.read_text().count("<!-- written by evaluate.py") == 1
     table.write_text(table.read_text() + "my comment\n")
     with pytest.raises(utils.UserError, match="did not write \\(or one edited since\\)"):
         ev.main(["--table", *runs, "--out", str(table)])

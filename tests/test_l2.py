@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluate as ev
+import report
 import sanity
 import sweep
 import train_piat as tp
@@ -169,7 +170,7 @@ def test_the_sanity_checklist_passes_an_honest_l2_model(l2_model):
     model, x, y = l2_model
     settings = dict(norm="l2", epsilons=(0.0, 0.25, 0.5, 2.0), long_steps=40, restarts=1, square_queries=100,
                     batch_size=64)
-    checks = {c["name"]: c for c in ev.sanity(model, x, y, **settings)}
+    checks = {c["name"]: c for c in sanity.run_sanity_checks(model, x, y, sanity.SanitySettings(**settings))}
     assert {c["status"] for c in checks.values()} == {"PASS"}, {n: c["detail"] for n, c in checks.items()
                                                                 if c["status"] != "PASS"}
     sweep_ = checks["eps-monotone"]["numbers"]
@@ -284,7 +285,7 @@ def test_train_evaluate_and_check_under_l2_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     tp.main([*TINY, "--epochs", "2", "--train-size", "512", "--loss", "ce", "--no-piat", "--norm", "l2",
              "--out-dir", str(run)])
-    assert "ce, L2 eps 0.5, 2 epochs" in capsys.readouterr().out
+    assert "PGD-AT, small-cnn on synthetic: 512 training images, L2 eps 0.5, 2 epochs" in capsys.readouterr().out
     assert json.loads((run / "args.json").read_text())["norm"] == "l2"
     flags = ["--n-examples", "48", "--device", "cpu", "--batch-size", "48"]
     out = ev.main([str(run), "--norm", "l2", "--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t", *flags])
@@ -341,10 +342,10 @@ def test_sweep_passes_the_threat_model_on_and_keeps_it_apart(tmp_path, capsys):
             for role in ("best", "final") for attack, norm, eps, acc in (
                 ("clean", None, 0.0, 0.9), ("pgd20", "linf", 8 / 255, 0.2), ("pgd20", "l2", EPS, 0.6))]
     (run_dir / "eval.json").write_text(json.dumps({"results": rows}))
-    got = sweep.eval_rows(run)
+    got = sweep.eval_rows(run.run_dir, run.threat)
     assert got["final", "pgd20"]["accuracy"] == 0.6 and got["best", "clean"]["accuracy"] == 0.9
     linf_run = run._replace(threat=sweep.PAPER_THREAT)
-    assert sweep.eval_rows(linf_run)["final", "pgd20"]["accuracy"] == 0.2
+    assert sweep.eval_rows(linf_run.run_dir, linf_run.threat)["final", "pgd20"]["accuracy"] == 0.2
     args, extra = sweep.parse_args(["table5", "--norm", "l2", "--epsilon", "8", "--epochs", "2"])
     assert (args.norm, args.epsilon, extra) == ("l2", 8.0, ["--epochs", "2"])
     assert "warning: --epsilon 8 is 8 in [0, 1] units (L2's)" in capsys.readouterr().err
@@ -380,7 +381,7 @@ def test_compare_pairs_results_of_one_threat_model_only(tmp_path):
                  "accuracy": sum(flags[norm, method]) / 4} for norm in order]
         (tmp_path / method).mkdir()
         (tmp_path / method / "eval.json").write_text(json.dumps({"results": rows}))
-    out = ev.compare([tmp_path / "A", tmp_path / "B"])
+    out = report.compare(ev.result_rows([tmp_path / "A", tmp_path / "B"]), ev.ATTACK_TITLES)
     diffs = {c["threat"]: c["diff"] for c in out["comparisons"]}
     assert diffs == {"L-inf eps 8/255": -0.25, "L2 eps 0.5": -0.25}
     assert "| B | A | final | PGD20 (L2 eps 0.5) | 75.00 | 100.00 | -25.00 |" in out["table"]

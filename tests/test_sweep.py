@@ -403,7 +403,7 @@ def test_ema_report_gives_the_oscillation_and_intervals_over_seeds(tmp_path):
         curves[run.run_dir / "trained"], curves[run.run_dir] = zigzag, smooth
     assert sweep.main([*argv, "--report"]) == 0
     lines = (tmp_path / "report" / "ema.md").read_text().splitlines()
-    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| Method |")).strip("|").split("|")]
     column = header.index("PGD20 oscillation")
     for method, expected in (("PGD-AT", 10.0), ("PGD-AT + EMA", 2.0), ("PIAT + NMSE", 10.0)):
         row = next(line for line in lines if line.startswith(f"| {method} |"))
