@@ -685,10 +685,11 @@ def seed_interval(results, reference, run_dirs, role, attack):
 
 
 def versus(results, reference, run_dirs, role, attack):
-    """`run_dirs` against `reference`'s (seeds paired in order) by report.compare_flags; "–" without per_image."""
+    """`run_dirs` against `reference`'s (seeds paired in order) by report.compare_flags, over the seeds both have
+    per-image results of; "–" without any, or not on the same images."""
     pairs = [[results[d]["eval"].get((role, attack), {}) for d in pair] for pair in zip(reference, run_dirs)]
-    if not pairs or len({(r.get("dataset"), str(r.get("indices"))) for pair in pairs for r in pair}) > 1 or any(
-            "per_image" not in r for pair in pairs for r in pair):  # every seed of both, on the same images
+    pairs = [pair for pair in pairs if all("per_image" in r for r in pair)]
+    if not pairs or len({(r.get("dataset"), str(r.get("indices"))) for pair in pairs for r in pair}) > 1:
         return "–"
     s = compare_flags(*([r["per_image"] for r in side] for side in zip(*pairs)))
     return (f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] p={s['p_value']:.2g}"
