@@ -92,7 +92,7 @@ def test_cfa_training_loss_attacks_each_example_within_its_class_eps(monkeypatch
     calibration = (torch.tensor([1.0, 4.0, 8.0]) / 255, torch.tensor([1.0, 2.0, 3.0]))
     x_adv = tp.baseline_attack(model.eval(), x, y, args, calibration)
     (eps, kwargs), = seen
-    assert torch.equal(eps, calibration[0][y]) and kwargs == {"loss": "kl", "random_start": "normal"}
+    assert torch.equal(eps, calibration[0][y]) and kwargs == {"loss": "kl", "random_start": "normal", "norm": "linf"}
     adv = model.train()(x_adv)
     loss, clean = tp.baseline_loss(model, model, x, y, adv, args, 5, calibration)
     assert torch.allclose(loss, tp.cfa_trades_loss(adv, clean, y, calibration[1]))

@@ -64,7 +64,7 @@ def test_amp_default_is_measured_on_the_runs_own_model(tmp_path, monkeypatch, ca
     for checkpoint in ("final.pt", "best.pt"):
         assert utils.load_checkpoint(out / checkpoint)["args"]["amp"] is bf16
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line.startswith("small-cnn on synthetic")
+    assert first_line.startswith("PIAT + NMSE, small-cnn on synthetic")
     assert ("bf16 autocast (measured 2.00x fp32 on this CPU)" if bf16 else "fp32 (bf16 measured 0.80x on this CPU)") \
         in first_line
 
