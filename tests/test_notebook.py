@@ -14,7 +14,7 @@ FIGURES = ["fig1_robust_accuracy_per_epoch.png", "fig2_toy_data.png", "fig3_toy_
            "fig4_toy_boundary_pgdat.png", "fig5_toy_boundary_pgdat_vs_piat.png", "fig6_piat_with_each_loss.png",
            "fig7_lambda_sweep.png", "fig8_loss_landscape.png", "fig9_fixed_vs_dynamic_alpha.png", "rdat_vs_piat.png",
            "robustness_curve.png",
-           "averaging.png"]
+           "averaging.png", "ema_study.png"]
 TABLES = ["table1.md", "tables2_3_5.md", "table4.md", "averaging.md"]
 
 
