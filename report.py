@@ -533,11 +533,12 @@ def plot_class_accuracy(rows, path, title):
     for k, role in enumerate(roles):
         ax = fig.add_subplot(len(roles), 1, k + 1)
         mine = [r for r in rows if r["role"] == role]
-        classes = sorted(mine[0]["class_accuracy"], key=int)
+        classes = sorted({c for r in mine for c in r["class_accuracy"]}, key=int)  # attacks may see other images
         width = 0.8 / len(mine)
         for j, row in enumerate(mine):
             ax.bar(np.arange(len(classes)) + (j - (len(mine) - 1) / 2) * width,
-                   [100 * row["class_accuracy"][c] for c in classes], width, label=TITLES[row["attack"]])
+                   [100 * row["class_accuracy"].get(c, np.nan) for c in classes], width,
+                   label=f"{TITLES[row['attack']]} (n = {row['n']})")
         ax.set(xticks=range(len(classes)), xticklabels=classes, ylabel="accuracy (%)", ylim=(0, 100),
                title=f"{title}: {role}")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
