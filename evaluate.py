@@ -725,7 +725,8 @@ def threat_of(row):
     """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
     norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
     epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
-    return None if row["attack"] == "clean" else utils.threat_model(norm, epsilon)
+    return None if row["attack"] == "clean" else utils.threat_model(norm, utils.EPSILONS[norm] if epsilon is None
+                                                                    else epsilon)  # no eps: the norm's default
 
 
 def threat_groups(rows):
