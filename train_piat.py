@@ -356,7 +356,7 @@ def train(args, checkpoint, rank, world_size, device, stop):
     stop.start(run_dir, world_size)
     if args.compile:
         model.compile()
-    train_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
+    train_model = utils.data_parallel(model) if world_size > 1 else model
     column = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"  # what best.pt is chosen on
     log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args) if rank == 0 else None
     (epsilon, step_size), classes = utils.radii(args), data.num_classes

@@ -471,8 +471,7 @@ def train(args, checkpoint, rank, world_size, device, stop):
     models = {"robust": robust, "natural": natural, "ema_robust": ema_robust, "ema_natural": ema_natural,
               "global": global_model}
     for name in ("robust", "natural"):  # the training passes; the attacks and the EMAs use the models themselves
-        models[f"train_{name}"] = (nn.parallel.DistributedDataParallel(models[name], broadcast_buffers=False)
-                                   if world_size > 1 else models[name])
+        models[f"train_{name}"] = utils.data_parallel(models[name]) if world_size > 1 else models[name]
     column = "val_pgd20_acc" if args.val_size else "test_pgd20_acc"  # what best.pt is chosen on
     log = utils.MetricsLog(run_dir, METRIC_FIELDS, metrics, args) if rank == 0 else None
     if rank == 0:

@@ -8,6 +8,7 @@ import argparse
 import csv
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -187,6 +188,14 @@ def all_reduce_sum_(tensor):
     if distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def data_parallel(model):
+    """`model` in DistributedDataParallel without a buffer broadcast at every forward pass (average_buffers_ after
+    each epoch instead). Newer torch calls the flag forward_sync_buffers and deprecates broadcast_buffers."""
+    ddp = nn.parallel.DistributedDataParallel
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(model, **{flag: False})
 
 
 @torch.no_grad()
@@ -972,9 +981,10 @@ class StopSignals:
 
 def run_main(main, script_file):
     """main(); an early end as one line on stderr and its exit status (docs/failures.md), a bug with its traceback."""
+    line = None
     try:
         status = main()  # sweep.py's says whether a run failed
-        return status if isinstance(status, int) else 0
+        code = status if isinstance(status, int) else 0
     except UserError as err:
         line, code = f"error: {err}", 1
     except Diverged as err:
@@ -987,6 +997,13 @@ def run_main(main, script_file):
         line, code = f"error: out of memory ({first_line(err)}); try a smaller --batch-size or --eval-batch-size", 4
     except OSError as err:
         line, code = f"error: {first_line(err)}", 4
-    if rank() == 0 or code in (1, 4):
+    torchrun_rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if line and (not torchrun_rank or code in (1, 4)):  # the process group is gone by now: rank() says 0 everywhere
         print(f"{os.path.basename(script_file)}: {line}", file=sys.stderr, flush=True)
+    if torchrun_rank is not None:
+        # a worker that left its gloo process group can abort in the interpreter's shutdown (torch 2.14: 'terminate
+        # called without an active exception', SIGABRT, in about 1 of 3 processes on a busy CPU); its work is saved
+        # and the group left, so it ends here, before that shutdown
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
     return code

@@ -380,3 +380,20 @@ def test_the_signal_handlers_are_put_back(tmp_path):
     before = {s: signal.getsignal(s) for s in utils.STOP_SIGNALS}
     tp.main([*ONE_STEP, "--epochs", "1", "--out-dir", str(tmp_path / "run")])
     assert {s: signal.getsignal(s) for s in utils.STOP_SIGNALS} == before
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_torchrun_worker_ends_before_python_shutdown_and_only_rank_0_says_why(rank, root):
+    # the process group is left before run_main prints, so the rank comes from torchrun's environment; the worker
+    # ends with os._exit (gloo can abort in the interpreter's shutdown), so an atexit handler never runs
+    code = ("import atexit, sys, utils; atexit.register(print, 'python shutdown'); "
+            "stop = lambda: (_ for _ in ()).throw(utils.Interrupted(15, 'interrupted by SIGTERM after epoch 1')); "
+            "status = utils.run_main(stop, 'train_piat.py'); print('not reached', status)")
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 128 + 15 and result.stdout == ""
+    assert result.stderr == ("train_piat.py: interrupted by SIGTERM after epoch 1\n" if rank == 0 else "")
+    result = subprocess.run([sys.executable, "-c", code.replace("utils.Interrupted(15, ", "utils.UserError(")],
+                            cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "train_piat.py: error: interrupted by SIGTERM after epoch 1\n"  # a bad input: every rank

@@ -324,7 +324,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_global_learners(tmp_path
                *TINY, "--epochs", "2", "--eval-size", "33", "--piat", "--out-dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.count("global_learner, robust_learner, natural_learner: identical on all 2 ranks") == 1
     assert {p.name for p in out.iterdir()} == set(OUTPUTS)
     rows = read_metrics(out / "metrics.csv")

@@ -417,7 +417,7 @@ def test_torchrun_two_gloo_processes_end_with_identical_weights(tmp_path):
                *TINY_VIT, "--epochs", "1", "--ard", "--prm", "--eval-size", "33", "--out-dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.count("weights: identical on all 2 ranks") == 1
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     (row,) = read_metrics(out / "metrics.csv")
