@@ -194,8 +194,8 @@ def data_parallel(model):
     """`model` in DistributedDataParallel without a buffer broadcast at every forward pass (average_buffers_ after
     each epoch instead). Newer torch calls the flag forward_sync_buffers and deprecates broadcast_buffers."""
     ddp = nn.parallel.DistributedDataParallel
-    flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-    return ddp(model, **{flag: False})
+    newer = "forward_sync_buffers" in inspect.signature(ddp).parameters
+    return ddp(model, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
 
 
 @torch.no_grad()
