@@ -179,6 +179,15 @@ def plot_landscapes(run_dirs):
 # === Is a difference real? Paired over the same images, and over seeds
 
 
+def p_text(p, digits=2):
+    """A p-value as text, "*" below 0.05, with the digits it needs not to print a p below 0.05 as 0.05."""
+    text = f"{p:.{digits}g}"
+    while p < 0.05 <= float(text):
+        digits += 1
+        text = f"{p:.{digits}g}"
+    return text + " *" * (p < 0.05)
+
+
 def compare_flags(reference, other, resamples=10_000, seed=0):
     """Two methods' per-image correctness on the same images, (seeds, images) 0/1 arrays (each row one run): the
     difference of their accuracies (other - reference), its 95 % interval by a paired bootstrap over the images
@@ -255,7 +264,7 @@ def compare(rows, titles, out=None):
                          f"{f' ({threat})' if threat else ''} | {100 * stats['accuracy']:.2f} | "
                          f"{100 * stats['reference_accuracy']:.2f} | {100 * stats['diff']:+.2f} | "
                          f"[{100 * stats['ci_low']:+.1f}, {100 * stats['ci_high']:+.1f}] | {t} | "
-                         f"{stats['p_value']:.3g}{' *' if stats['p_value'] < 0.05 else ''} |")
+                         f"{p_text(stats['p_value'], 3)} |")
     if not results:
         raise utils.UserError("no attack was measured on the same checkpoints of every run")
     table = "\n".join(lines) + (f"\n\nin %; seeds: {', '.join(f'{names[c]} {len(r)}' for c, r in groups.items())}; "

@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 import utils
 from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list
 from evaluate import parse_args as evaluate_args
-from report import compare_flags, plot_landscapes, threat_of
+from report import compare_flags, p_text, plot_landscapes, threat_of
 from utils import LOSS_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -692,8 +692,7 @@ def versus(results, reference, run_dirs, role, attack):
     if not pairs or len({(r.get("dataset"), str(r.get("indices"))) for pair in pairs for r in pair}) > 1:
         return "–"
     s = compare_flags(*([r["per_image"] for r in side] for side in zip(*pairs)))
-    return (f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] p={s['p_value']:.2g}"
-            + " *" * (s["p_value"] < 0.05))
+    return f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] p={p_text(s['p_value'])}"
 
 
 def accuracy_markdown(title, rows, results, cells, first=("Method",), paper=None, reference=None, over_seeds=False):

@@ -653,6 +653,12 @@ def test_compare_reports_the_difference_its_interval_and_the_exact_mcnemar_p(und
     assert "| Other | PGD-AT | final | PGD20 (L-inf eps 8/255) |" in result["table"]
 
 
+def test_a_p_value_below_0_05_never_prints_as_0_05():
+    assert [report.p_text(p) for p in (0.0499, 0.04996, 0.05, 0.054, 0.0016, 9.4e-18, 1.0)] == [
+        "0.0499 *", "0.04996 *", "0.05", "0.054", "0.0016 *", "9.4e-18 *", "1"]
+    assert report.p_text(0.0499, 3) == "0.0499 *" and report.p_text(0.123456, 3) == "0.123"
+
+
 def math_comb(n, k):
     import math
 

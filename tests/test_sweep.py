@@ -321,7 +321,7 @@ def test_report_marks_each_difference_to_pgd_at(tmp_path):
                 continue
             s = report.compare_flags(*([flags[d, role, attack] for d in table[m]] for m in ("PGD-AT", method)))
             assert cell == (f"{100 * s['diff']:+.2f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}] "
-                            f"p={s['p_value']:.2g}" + " *" * (s["p_value"] < 0.05)), (method, role, attack)
+                            f"p={report.p_text(s['p_value'])}"), (method, role, attack)
             significant = method in ("PIAT + NMSE", "PIAT")  # 75 % against 50 % on 3 x 200 images; else the same
             assert cell.endswith(" *") == significant and (s["diff"] > 0.15 if significant else cell == "+0.00 "
                                                            "[+0.0, +0.0] p=1"), (method, role, attack, cell)
