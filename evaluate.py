@@ -673,8 +673,8 @@ def evaluate_run(run, checkpoints, json_path, is_run_dir, models, args, device, 
             print(f"  {role:10s} {attack:6s} {100 * row['accuracy']:6.2f}%  ({row['correct']}/{len(y)}, "
                   f"{row['seconds']:.1f} s)", flush=True)
             new_rows.append(row)
-            saved["results"] = [r for r in saved["results"] if (r["run"], r["role"], r["attack"], threat_of(r)) !=
-                                (run, role, attack, threat_of(row))] + [row]  # another eps or norm's row stays
+            saved["results"] = [r for r in saved["results"] if (r["run"], r["role"], r["attack"], utils.threat_of(r)) !=
+                                (run, role, attack, utils.threat_of(row))] + [row]  # another eps or norm's row stays
             save_results(saved, json_path)
         if landscape:  # beside the results: RUN/final.landscape.*, CKPT.landscape.*, with --out RUN_NAME.final.*
             name = output_stem(run, ckpt, role, is_run_dir, args.out)
@@ -721,18 +721,10 @@ def save_results(saved, json_path):
     utils.save_json(saved, json_path)
 
 
-def threat_of(row):
-    """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
-    norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
-    epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
-    return None if row["attack"] == "clean" else utils.threat_model(norm, utils.EPSILONS[norm] if epsilon is None
-                                                                    else epsilon)  # no eps: the norm's default
-
-
 def threat_groups(rows):
     """{threat model: its rows and the clean rows}: no table puts two threat models (or radii) side by side."""
-    threats = dict.fromkeys(threat_of(r) for r in rows if r["attack"] != "clean") or [None]
-    return {threat: [r for r in rows if threat_of(r) in (threat, None)] for threat in threats}
+    threats = dict.fromkeys(utils.threat_of(r) for r in rows if r["attack"] != "clean") or [None]
+    return {threat: [r for r in rows if utils.threat_of(r) in (threat, None)] for threat in threats}
 
 
 def table_i(rows):
@@ -743,7 +735,7 @@ def table_i(rows):
     for row in rows:
         run = runs.setdefault(row["run"], {"dataset": row.get("dataset"), "method": row.get("method"), "threat": None,
                                            "n": set(), "notes": set()})
-        run["threat"] = run["threat"] or threat_of(row)
+        run["threat"] = run["threat"] or utils.threat_of(row)
         column = "final" if row["role"] == "final" else "best"
         run.setdefault(row["attack"], {})[column] = row["accuracy"]
         if row.get("worst_class_accuracy") is not None:

@@ -238,7 +238,7 @@ def compare(rows, titles, out=None):
                                   "evaluate it again")
         role = row["role"] if row["role"] in ("best", "final") else "checkpoint"
         config = json.dumps(row.get("flags") or {"method": row["method"]}, sort_keys=True, default=str)
-        groups.setdefault(config, {}).setdefault(row["run"], {})[(role, row["attack"], threat_of(row))] = row
+        groups.setdefault(config, {}).setdefault(row["run"], {})[(role, row["attack"], utils.threat_of(row))] = row
     names = configuration_names({c: next(iter(next(iter(r.values())).values()))["method"] for c, r in groups.items()})
     if len(groups) < 2:
         raise utils.UserError(f"--compare needs results of at least two configurations; the "
@@ -287,14 +287,6 @@ def measured_alike(rows, role, attack):
             shown = "" if key == "indices" else f": {setting[odd]} vs {setting[0]}"
             raise utils.UserError(f"{rows[odd]['run']} and {rows[0]['run']} were not evaluated on the same {what} "
                                   f"({attack}, {role}{shown}); evaluate both with the same settings")
-
-
-def threat_of(row):
-    """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
-    norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
-    epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
-    return None if row["attack"] == "clean" else utils.threat_model(norm, utils.EPSILONS[norm] if epsilon is None
-                                                                    else epsilon)  # no eps: the norm's default
 
 
 def configuration_names(methods):

@@ -39,8 +39,8 @@ from matplotlib.figure import Figure
 import utils
 from evaluate import ATTACK_TITLES, ATTACKS, PAPER_TABLE_I, choice_list
 from evaluate import parse_args as evaluate_args
-from report import compare_flags, p_text, plot_landscapes, threat_of
-from utils import LOSS_NAMES
+from report import compare_flags, p_text, plot_landscapes
+from utils import LOSS_NAMES, threat_of
 
 ROOT = Path(__file__).resolve().parent
 SIGNAL_DELAY_S = 120  # Slurm warns a job (USR2) this long before its time limit: time to stop and requeue

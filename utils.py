@@ -117,6 +117,15 @@ def threat_model(norm, epsilon):
     return f"L-inf eps {epsilon:g}/255" if norm == "linf" else f"L2 eps {epsilon:g}"
 
 
+def threat_of(row):
+    """A result row's threat model as tables name it ("L-inf eps 8/255", "L2 eps 0.5"), None for clean accuracy."""
+    norm = row.get("norm") or "linf"  # rows older than --norm: L-inf
+    epsilon = row.get("epsilon_255") if norm == "linf" else row.get("epsilon")
+    if row["attack"] == "clean":
+        return None
+    return threat_model(norm, EPSILONS[norm] if epsilon is None else epsilon)  # no eps: the norm's default
+
+
 def first_line(err):
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
